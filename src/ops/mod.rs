@@ -1,0 +1,2 @@
+//! Operations: metrics, health and readiness, shutdown.
+pub mod metrics;

@@ -1,0 +1,1 @@
+//! In-memory state: the embedded default, fit for single-node production.
