@@ -4,6 +4,7 @@
 //! embedded dev profile that `imgate serve` runs with no `--config`.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -375,16 +376,20 @@ pub mod duration {
         let s = s.trim();
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("invalid duration {s:?}: expected e.g. \"500ms\", \"10s\", \"5m\", \"7d\""))?;
+        let n: u64 = num.parse().map_err(|_| {
+            format!("invalid duration {s:?}: expected e.g. \"500ms\", \"10s\", \"5m\", \"7d\"")
+        })?;
         let ms = match unit.trim() {
             "ms" => n,
             "" | "s" => n * 1000,
             "m" => n * 60_000,
             "h" => n * 3_600_000,
             "d" => n * 86_400_000,
-            other => return Err(format!("invalid duration unit {other:?} in {s:?}: use ms, s, m, h or d")),
+            other => {
+                return Err(format!(
+                    "invalid duration unit {other:?} in {s:?}: use ms, s, m, h or d"
+                ))
+            }
         };
         Ok(Duration::from_millis(ms))
     }
@@ -419,5 +424,522 @@ pub mod duration {
             Raw::Int(n) => Ok(Duration::from_secs(n)),
             Raw::Str(s) => parse(&s).map_err(de::Error::custom),
         }
+    }
+}
+
+/// A configuration problem; the message names the key. The CLI exits with code 2.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Syntax(String),
+    #[error("unknown key `{0}`")]
+    UnknownKey(String),
+    #[error("invalid value for `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+const ENV_PREFIX: &str = "IMGATE__";
+
+impl Config {
+    /// Load a file (or the embedded default when `path` is None), then apply `IMGATE__…`
+    /// overrides from `env` (pass `std::env::vars()`).
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.display().to_string(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        Config::from_toml_str(&text, env)
+    }
+
+    /// Parse TOML text (empty: every default) with environment overrides applied.
+    pub fn from_toml_str(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Syntax(e.to_string()))?;
+        apply_env(&mut table, env)?;
+        let de = toml::Value::Table(table);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            if let Some(rest) = inner.strip_prefix("unknown field `") {
+                // The path already ends with the unknown field's name.
+                let field = rest.split('`').next().unwrap_or(rest);
+                let key = if path == "." || path.is_empty() {
+                    field.to_string()
+                } else {
+                    path
+                };
+                ConfigError::UnknownKey(key)
+            } else {
+                invalid(&path, inner.lines().next().unwrap_or("").to_string())
+            }
+        })
+    }
+
+    /// Check what serde cannot; returns warnings worth logging at start.
+    pub fn validate(&self) -> Result<Vec<String>, ConfigError> {
+        let mut warnings = Vec::new();
+        for (key, value) in [
+            ("listen.http", &self.listen.http),
+            ("listen.https", &self.listen.https),
+            ("listen.webtransport", &self.listen.webtransport),
+            ("listen.grpc", &self.listen.grpc),
+            ("listen.ops", &self.listen.ops),
+        ] {
+            if !value.is_empty() && value.parse::<SocketAddr>().is_err() {
+                return Err(invalid(
+                    key,
+                    format!("{value:?} is not a socket address like 127.0.0.1:8080"),
+                ));
+            }
+        }
+        for p in &self.net.trusted_proxies {
+            if p.parse::<ipnet::IpNet>().is_err() && p.parse::<std::net::IpAddr>().is_err() {
+                return Err(invalid(
+                    "net.trusted_proxies",
+                    format!("{p:?} is not an IP address or CIDR"),
+                ));
+            }
+        }
+        for (key, n) in [
+            ("state.inbox_max", self.state.inbox_max),
+            ("state.replay_limit", self.state.replay_limit),
+            ("sessions.max_per_user", self.sessions.max_per_user),
+            ("sessions.outbound_queue", self.sessions.outbound_queue),
+            ("sessions.write_batch", self.sessions.write_batch),
+            ("limits.max_frame", self.limits.max_frame),
+            ("limits.max_connections", self.limits.max_connections),
+            ("limits.max_per_ip", self.limits.max_per_ip),
+            (
+                "limits.max_unauthenticated",
+                self.limits.max_unauthenticated,
+            ),
+            ("limits.max_push_body", self.limits.max_push_body),
+            ("limits.max_batch_users", self.limits.max_batch_users),
+            ("limits.rate_per_sec", self.limits.rate_per_sec as usize),
+            ("limits.rate_burst", self.limits.rate_burst as usize),
+            ("auth.cache_max_entries", self.auth.cache_max_entries),
+        ] {
+            if n == 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        for (key, d) in [
+            ("sessions.heartbeat", self.sessions.heartbeat),
+            ("sessions.idle_timeout", self.sessions.idle_timeout),
+            ("auth.auth_timeout", self.auth.auth_timeout),
+            ("limits.handshake_timeout", self.limits.handshake_timeout),
+            ("upstream.timeout", self.upstream.timeout),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        if self.sessions.idle_timeout <= self.sessions.heartbeat {
+            return Err(invalid(
+                "sessions.idle_timeout",
+                "must be longer than sessions.heartbeat",
+            ));
+        }
+        if self.limits.max_frame > 16 * 1024 * 1024 {
+            return Err(invalid("limits.max_frame", "at most 16 MiB"));
+        }
+        for a in &self.auth.algorithms {
+            if !["HS256", "RS256", "ES256"].contains(&a.as_str()) {
+                return Err(invalid(
+                    "auth.algorithms",
+                    format!("{a:?}: use HS256, RS256 or ES256"),
+                ));
+            }
+        }
+        if self.upstream.mode == UpstreamMode::Grpc && self.upstream.endpoint.is_empty() {
+            return Err(invalid(
+                "upstream.endpoint",
+                "required when upstream.mode = \"grpc\"",
+            ));
+        }
+        if self.auth.mode == AuthMode::Grpc && self.auth.endpoint.is_empty() {
+            return Err(invalid(
+                "auth.endpoint",
+                "required when auth.mode = \"grpc\"",
+            ));
+        }
+        if self.state.backend == StateBackend::Redis
+            && !self
+                .state
+                .redis_url
+                .split(',')
+                .all(|u| u.trim().starts_with("redis://") || u.trim().starts_with("rediss://"))
+        {
+            return Err(invalid(
+                "state.redis_url",
+                "redis:// or rediss:// URLs (comma-separated for a cluster)",
+            ));
+        }
+        if (self.tls.cert_file.is_empty()) != (self.tls.key_file.is_empty()) {
+            return Err(invalid(
+                "tls.key_file",
+                "tls.cert_file and tls.key_file go together",
+            ));
+        }
+        for (key, path) in [
+            ("tls.cert_file", &self.tls.cert_file),
+            ("tls.key_file", &self.tls.key_file),
+            ("auth.jwks_file", &self.auth.jwks_file),
+            ("grpc.tls_cert", &self.grpc.tls_cert),
+            ("grpc.tls_key", &self.grpc.tls_key),
+            ("grpc.client_ca", &self.grpc.client_ca),
+        ]
+        .into_iter()
+        .chain(
+            self.auth
+                .jwt_public_keys
+                .iter()
+                .map(|p| ("auth.jwt_public_keys", p)),
+        ) {
+            if !path.is_empty() && !Path::new(path).is_file() {
+                return Err(invalid(key, format!("file {path:?} does not exist")));
+            }
+        }
+        match self.profile {
+            Profile::Prod => {
+                let has_keys =
+                    !self.auth.jwt_public_keys.is_empty() || !self.auth.jwks_file.is_empty();
+                if self.auth.mode == AuthMode::Jwt && !has_keys && self.auth.jwt_secret.is_empty() {
+                    return Err(invalid(
+                        "auth.jwt_secret",
+                        "prod needs a JWT secret, public keys or a JWKS file",
+                    ));
+                }
+                if self.auth.jwt_secret == DEV_JWT_SECRET {
+                    return Err(invalid(
+                        "auth.jwt_secret",
+                        "the dev secret is refused in prod",
+                    ));
+                }
+                if !self.listen.grpc.is_empty() {
+                    if self.grpc.api_keys.is_empty() && self.grpc.client_ca.is_empty() {
+                        return Err(invalid(
+                            "grpc.api_keys",
+                            "prod needs gRPC api keys or grpc.client_ca (mTLS)",
+                        ));
+                    }
+                    if self
+                        .grpc
+                        .api_keys
+                        .iter()
+                        .any(|k| k == DEV_API_KEY || k.is_empty())
+                    {
+                        return Err(invalid(
+                            "grpc.api_keys",
+                            "the dev key and empty keys are refused in prod",
+                        ));
+                    }
+                }
+                let serves_tls =
+                    !self.listen.https.is_empty() || !self.listen.webtransport.is_empty();
+                if serves_tls && self.tls.cert_file.is_empty() && !self.tls.terminated_upstream {
+                    return Err(invalid(
+                        "tls.cert_file",
+                        "prod needs TLS certificate files, or tls.terminated_upstream = true",
+                    ));
+                }
+            }
+            Profile::Dev => {
+                if self.auth.jwt_secret.is_empty() && self.auth.mode == AuthMode::Jwt {
+                    warnings.push(format!(
+                        "dev profile: tokens are signed with the built-in secret {DEV_JWT_SECRET:?}; never expose this instance"
+                    ));
+                }
+                if !self.listen.grpc.is_empty() {
+                    warnings.push(format!(
+                        "dev profile: the gRPC API accepts the api key {DEV_API_KEY:?}"
+                    ));
+                }
+                if self.tls.cert_file.is_empty() {
+                    warnings
+                        .push("dev profile: serving a generated self-signed certificate".into());
+                }
+            }
+        }
+        Ok(warnings)
+    }
+
+    /// The effective HS256 secret: configured, else the dev secret in dev.
+    pub fn jwt_secret(&self) -> Option<String> {
+        if !self.auth.jwt_secret.is_empty() {
+            Some(self.auth.jwt_secret.clone())
+        } else if self.profile == Profile::Dev {
+            Some(DEV_JWT_SECRET.to_string())
+        } else {
+            None
+        }
+    }
+
+    /// The effective gRPC api keys: configured, plus `dev-key` in dev.
+    pub fn api_keys(&self) -> Vec<String> {
+        let mut keys = self.grpc.api_keys.clone();
+        if self.profile == Profile::Dev {
+            keys.push(DEV_API_KEY.to_string());
+        }
+        keys
+    }
+
+    /// The instance id: configured, else `<hostname>-<pid>`.
+    pub fn instance_id(&self) -> String {
+        if !self.instance.id.is_empty() {
+            return self.instance.id.clone();
+        }
+        let host = std::fs::read_to_string("/etc/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| "imgate".into());
+        format!("{host}-{}", std::process::id())
+    }
+}
+
+/// Apply `IMGATE__SECTION__KEY=value` (or `IMGATE__KEY` for top-level keys) to the table.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    for (name, value) in env {
+        let Some(path) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let parts: Vec<String> = path.split("__").map(|p| p.to_ascii_lowercase()).collect();
+        if parts.iter().any(|p| p.is_empty()) || parts.len() > 2 {
+            return Err(ConfigError::UnknownKey(format!(
+                "{} (from {name})",
+                parts.join(".")
+            )));
+        }
+        // A value is TOML when it parses as one (`100`, `true`, `["a"]`), else a string.
+        let parsed = format!("v = {value}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or(toml::Value::String(value.clone()));
+        let mut target = &mut *table;
+        for section in &parts[..parts.len() - 1] {
+            let entry = target
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            target = entry
+                .as_table_mut()
+                .ok_or_else(|| invalid(section, "is not a section"))?;
+        }
+        target.insert(parts[parts.len() - 1].clone(), parsed);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn as_json(c: &Config) -> serde_json::Value {
+        serde_json::to_value(c).unwrap()
+    }
+
+    #[test]
+    fn default_toml_is_the_embedded_default() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml"))
+                .unwrap();
+        let parsed = Config::from_toml_str(&text, vec![]).unwrap();
+        assert_eq!(as_json(&parsed), as_json(&Config::default()));
+        // And every key of the embedded default is written in the file.
+        let table: toml::Table = text.parse().unwrap();
+        let full = toml::Table::try_from(Config::default()).unwrap();
+        for (section, v) in &full {
+            match v {
+                toml::Value::Table(keys) => {
+                    for k in keys.keys() {
+                        assert!(
+                            table.get(section).and_then(|s| s.get(k)).is_some(),
+                            "{section}.{k} is not documented"
+                        );
+                    }
+                }
+                _ => assert!(table.contains_key(section), "{section} is not documented"),
+            }
+        }
+    }
+
+    #[test]
+    fn example_files() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config/");
+        let dev = Config::load(Some(Path::new(&format!("{dir}dev.toml"))), vec![]).unwrap();
+        assert_eq!(dev.profile, Profile::Dev);
+        dev.validate().unwrap();
+        let prod = Config::load(Some(Path::new(&format!("{dir}prod.toml"))), vec![]).unwrap();
+        assert_eq!(prod.profile, Profile::Prod);
+        // Its key files live on the production host, not here: validation names the key.
+        let err = prod.validate().unwrap_err().to_string();
+        assert!(err.contains("does not exist"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = Config::from_toml_str("[listen]\nhtp = \"x\"", vec![]).unwrap_err();
+        assert_eq!(e.to_string(), "unknown key `listen.htp`");
+        let e = Config::from_toml_str("colour = 1", vec![]).unwrap_err();
+        assert_eq!(e.to_string(), "unknown key `colour`");
+        let e = Config::from_toml_str("", env(&[("IMGATE__LIMITS__MAX_FRAMES", "1")])).unwrap_err();
+        assert_eq!(e.to_string(), "unknown key `limits.max_frames`");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = Config::from_toml_str("[sessions]\nheartbeat = \"soon\"", vec![]).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("invalid value for `sessions.heartbeat`"),
+            "{e}"
+        );
+        let e = Config::from_toml_str("[sessions]\npolicy = \"many\"", vec![]).unwrap_err();
+        assert!(e.to_string().contains("sessions.policy"), "{e}");
+        let mut c = Config::default();
+        c.listen.http = "nowhere".into();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("listen.http"));
+        let mut c = Config::default();
+        c.net.trusted_proxies = vec!["10.0.0.0/33".into()];
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("net.trusted_proxies"));
+    }
+
+    #[test]
+    fn env_overrides() {
+        let c = Config::from_toml_str(
+            "[listen]\ngrpc = \"127.0.0.1:1\"",
+            env(&[
+                ("IMGATE__LISTEN__GRPC", "127.0.0.1:50052"),
+                ("IMGATE__LIMITS__MAX_FRAME", "1024"),
+                ("IMGATE__NET__TRUSTED_PROXIES", "[\"10.0.0.0/8\"]"),
+                ("IMGATE__SESSIONS__HEARTBEAT", "5s"),
+                ("IMGATE__PROFILE", "prod"),
+                ("HOME", "/root"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.listen.grpc, "127.0.0.1:50052");
+        assert_eq!(c.limits.max_frame, 1024);
+        assert_eq!(c.net.trusted_proxies, vec!["10.0.0.0/8"]);
+        assert_eq!(c.sessions.heartbeat, Duration::from_secs(5));
+        assert_eq!(c.profile, Profile::Prod);
+        // An empty value disables a listener.
+        let c = Config::from_toml_str("", env(&[("IMGATE__LISTEN__GRPC", "")])).unwrap();
+        assert_eq!(c.listen.grpc, "");
+    }
+
+    #[test]
+    fn durations() {
+        for (s, ms) in [
+            ("500ms", 500),
+            ("10s", 10_000),
+            ("5m", 300_000),
+            ("2h", 7_200_000),
+            ("7d", 604_800_000),
+            ("3", 3000),
+        ] {
+            assert_eq!(
+                duration::parse(s).unwrap(),
+                Duration::from_millis(ms),
+                "{s}"
+            );
+        }
+        assert!(duration::parse("5 parsecs").is_err());
+        assert!(duration::parse("").is_err());
+        let c = Config::from_toml_str("[auth]\nleeway = 45", vec![]).unwrap();
+        assert_eq!(c.auth.leeway, Duration::from_secs(45));
+    }
+
+    #[test]
+    fn prod_refuses_dev_material() {
+        let mut c = Config {
+            profile: Profile::Prod,
+            ..Config::default()
+        };
+        c.tls.terminated_upstream = true;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("auth.jwt_secret"));
+        c.auth.jwt_secret = DEV_JWT_SECRET.into();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("auth.jwt_secret"));
+        c.auth.jwt_secret = "a-real-secret".into();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("grpc.api_keys"));
+        c.grpc.api_keys = vec![DEV_API_KEY.into()];
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("grpc.api_keys"));
+        c.grpc.api_keys = vec!["k-123".into()];
+        c.validate().unwrap();
+        c.tls.terminated_upstream = false;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("tls.cert_file"));
+        assert_eq!(c.jwt_secret().as_deref(), Some("a-real-secret"));
+        assert_eq!(c.api_keys(), vec!["k-123"]);
+    }
+
+    #[test]
+    fn dev_warns_and_has_dev_material() {
+        let c = Config::default();
+        let w = c.validate().unwrap();
+        assert!(w.iter().any(|w| w.contains("built-in secret")));
+        assert_eq!(c.jwt_secret().as_deref(), Some(DEV_JWT_SECRET));
+        assert!(c.api_keys().contains(&DEV_API_KEY.to_string()));
     }
 }

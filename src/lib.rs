@@ -1,14 +1,21 @@
 //! imgate: the front door of an instant-messaging backend.
 //!
 //! Clients hold WebSocket or WebTransport sessions; business services push over gRPC.
-//! See docs/architecture.md for the tour of these modules.
+//! docs/architecture.md walks through these modules.
 
 pub mod auth;
+pub mod cli;
 pub mod config;
+pub mod delivery;
+pub mod gateway;
+pub mod hub;
 pub mod ops;
 pub mod protocol;
+pub mod session;
 pub mod state;
 pub mod tls;
+pub mod transport;
+pub mod upstream;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {

@@ -1,3 +1,193 @@
-//! The token cache: bounded, positive entries live until min(ttl, exp), negative ones for
+//! The token cache: bounded; a valid result lives until min(ttl, exp), an invalid one for
 //! `negative_ttl`. Keys are SHA-256 digests of the token, never the token itself.
-pub struct TokenCache {}
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use sha2::{Digest, Sha256};
+use tokio::time::Instant;
+
+use super::{AuthError, Identity};
+use crate::ops::metrics;
+
+const SHARDS: usize = 16;
+
+type Key = [u8; 32];
+
+#[derive(Clone)]
+struct Entry {
+    result: Result<Identity, AuthError>,
+    expires: Instant,
+}
+
+pub struct TokenCache {
+    shards: Vec<Mutex<HashMap<Key, Entry>>>,
+    per_shard: usize,
+    ttl: Duration,
+    negative_ttl: Duration,
+}
+
+pub fn key(token: &str) -> Key {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+impl TokenCache {
+    pub fn new(max_entries: usize, ttl: Duration, negative_ttl: Duration) -> TokenCache {
+        TokenCache {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            per_shard: max_entries.div_ceil(SHARDS).max(1),
+            ttl,
+            negative_ttl,
+        }
+    }
+
+    fn shard(&self, k: &Key) -> &Mutex<HashMap<Key, Entry>> {
+        &self.shards[k[0] as usize % SHARDS]
+    }
+
+    /// A cached result that has not expired; counts hit, negative or miss.
+    pub fn get(&self, k: &Key) -> Option<Result<Identity, AuthError>> {
+        let now = Instant::now();
+        let mut shard = self.shard(k).lock();
+        match shard.get(k) {
+            Some(e) if e.expires > now => {
+                metrics::token_cache(if e.result.is_ok() { "hit" } else { "negative" });
+                Some(e.result.clone())
+            }
+            Some(_) => {
+                shard.remove(k);
+                metrics::token_cache("miss");
+                None
+            }
+            None => {
+                metrics::token_cache("miss");
+                None
+            }
+        }
+    }
+
+    /// Remember a verification result. Outages are never cached.
+    pub fn put(&self, k: Key, result: &Result<Identity, AuthError>) {
+        let now = Instant::now();
+        let ttl = match result {
+            Ok(id) => {
+                let left =
+                    Duration::from_millis((id.expires_at_ms - crate::now_ms()).max(0) as u64);
+                self.ttl.min(left)
+            }
+            Err(AuthError::Unavailable(_)) => return,
+            Err(_) => self.negative_ttl,
+        };
+        if ttl.is_zero() {
+            return;
+        }
+        let mut shard = self.shard(&k).lock();
+        if shard.len() >= self.per_shard && !shard.contains_key(&k) {
+            shard.retain(|_, e| e.expires > now);
+            if shard.len() >= self.per_shard {
+                // Still full of live entries: make room by dropping an arbitrary one.
+                if let Some(victim) = shard.keys().next().copied() {
+                    shard.remove(&victim);
+                }
+            }
+        }
+        shard.insert(
+            k,
+            Entry {
+                result: result.clone(),
+                expires: now + ttl,
+            },
+        );
+    }
+
+    /// Drop the valid entries of `user`; returns how many. Revocation is rare: a scan is fine.
+    pub fn evict_user(&self, user: &str) -> u32 {
+        let mut n = 0;
+        for shard in &self.shards {
+            shard.lock().retain(|_, e| {
+                let keep = !matches!(&e.result, Ok(id) if id.user == user);
+                if !keep {
+                    n += 1;
+                }
+                keep
+            });
+        }
+        n
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(user: &str, exp_in_ms: i64) -> Identity {
+        Identity {
+            user: user.into(),
+            device: None,
+            platform: None,
+            expires_at_ms: crate::now_ms() + exp_in_ms,
+            issued_at_ms: 0,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn positive_negative_and_expiry() {
+        let c = TokenCache::new(100, Duration::from_secs(60), Duration::from_secs(5));
+        let (a, b, u) = (key("a"), key("b"), key("u"));
+        assert!(c.get(&a).is_none());
+        c.put(a, &Ok(id("alice", 3_600_000)));
+        c.put(b, &Err(AuthError::Invalid("x".into())));
+        c.put(u, &Err(AuthError::Unavailable("down".into())));
+        assert_eq!(c.get(&a).unwrap().unwrap().user, "alice");
+        assert!(c.get(&b).unwrap().is_err());
+        assert!(c.get(&u).is_none(), "outages are not cached");
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(
+            c.get(&b).is_none(),
+            "negative entries expire after negative_ttl"
+        );
+        assert!(c.get(&a).is_some());
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(c.get(&a).is_none(), "positive entries expire after ttl");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ttl_is_capped_by_exp() {
+        let c = TokenCache::new(100, Duration::from_secs(300), Duration::from_secs(5));
+        let k = key("short");
+        c.put(k, &Ok(id("a", 2_000)));
+        assert!(c.get(&k).is_some());
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert!(c.get(&k).is_none());
+    }
+
+    #[test]
+    fn bounded_and_evicts_by_user() {
+        let c = TokenCache::new(32, Duration::from_secs(60), Duration::from_secs(5));
+        for i in 0..1000 {
+            c.put(
+                key(&i.to_string()),
+                &Ok(id(if i % 2 == 0 { "even" } else { "odd" }, 3_600_000)),
+            );
+        }
+        assert!(c.len() <= 32, "{}", c.len());
+        let before = c.len();
+        let evicted = c.evict_user("even");
+        assert_eq!(c.len(), before - evicted as usize);
+        assert!(c.shards.iter().all(|s| s.lock().values().all(|e| e
+            .result
+            .as_ref()
+            .unwrap()
+            .user
+            == "odd")));
+    }
+}

@@ -1,1 +1,405 @@
-//! Prometheus metrics (SPEC §8): every series registered and touched at zero at start.
+//! Prometheus metrics (SPEC §8). Every series is registered and touched at zero at start, so
+//! dashboards and alerts see it before the first event. Label values are bounded `&'static
+//! str`s: never a user, device, group or message id.
+
+use std::sync::OnceLock;
+
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const TRANSPORTS: [&str; 3] = ["ws", "wss", "wt"];
+/// SPEC §4 codes, plus 1000 (the client closed) and 1006 (the connection was lost).
+pub const CLOSE_CODES: [&str; 14] = [
+    "1000", "1006", "4100", "4101", "4102", "4103", "4104", "4500", "4501", "4502", "4503", "4504",
+    "4505", "4507",
+];
+pub const CLIENT_FRAME_TYPES: [&str; 5] = ["auth", "send", "ack", "ping", "unknown"];
+pub const SERVER_FRAME_TYPES: [&str; 8] = [
+    "welcome", "push", "synced", "reply", "reauth", "pong", "error", "kick",
+];
+pub const AUTH_RESULTS: [&str; 5] = ["ok", "invalid", "expired", "revoked", "unavailable"];
+pub const TOKEN_CACHE_RESULTS: [&str; 3] = ["hit", "miss", "negative"];
+pub const PUSH_METHODS: [&str; 5] = [
+    "PushToUser",
+    "PushToUsers",
+    "PushToGroup",
+    "Broadcast",
+    "relay",
+];
+pub const PUSH_RESULTS: [&str; 4] = ["ok", "invalid_argument", "unavailable", "unauthenticated"];
+pub const UPSTREAM_RESULTS: [&str; 4] = ["ok", "error", "timeout", "unavailable"];
+pub const STATE_OPS: [&str; 11] = [
+    "append",
+    "read",
+    "head",
+    "cursors",
+    "ack",
+    "group_set",
+    "group_get",
+    "revoke",
+    "presence",
+    "route",
+    "publish",
+];
+pub const STATE_BACKENDS: [&str; 2] = ["memory", "redis"];
+pub const CLUSTER_DIRECTIONS: [&str; 2] = ["in", "out"];
+pub const REJECT_REASONS: [&str; 8] = [
+    "node_limit",
+    "ip_limit",
+    "unauth_limit",
+    "handshake_timeout",
+    "origin",
+    "bad_request",
+    "unauthorized",
+    "draining",
+];
+
+/// Latency buckets from 100 µs to 10 s.
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// Install the process-wide recorder once (tests start many gateways in one process) and
+/// return the handle `/metrics` renders.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)
+                .expect("buckets are not empty")
+                .install_recorder()
+                .expect("no other metrics recorder is installed");
+            describe();
+            touch();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_gauge!("imgate_connections", "Open authenticated sessions");
+    describe_counter!(
+        "imgate_connections_opened_total",
+        "Sessions opened (after the transport handshake)"
+    );
+    describe_counter!(
+        "imgate_connections_closed_total",
+        "Sessions closed, by close code"
+    );
+    describe_counter!(
+        "imgate_connections_rejected_total",
+        "Handshakes refused before a session opened, by reason"
+    );
+    describe_gauge!(
+        "imgate_unauthenticated_sessions",
+        "Sessions waiting for their auth frame"
+    );
+    describe_counter!("imgate_auth_total", "Token checks, by result");
+    describe_counter!("imgate_token_cache_total", "Token cache lookups, by result");
+    describe_counter!("imgate_frames_received_total", "Inbound frames, by type");
+    describe_counter!("imgate_frames_sent_total", "Outbound frames, by type");
+    describe_counter!(
+        "imgate_bytes_received_total",
+        Unit::Bytes,
+        "Inbound frame bytes"
+    );
+    describe_counter!(
+        "imgate_bytes_sent_total",
+        Unit::Bytes,
+        "Outbound frame bytes"
+    );
+    describe_counter!(
+        "imgate_slow_consumer_total",
+        "Connections closed with 4100 (outbound queue full)"
+    );
+    describe_counter!(
+        "imgate_rate_limited_total",
+        "Rate-limit episodes (error rate_limited sent)"
+    );
+    describe_counter!(
+        "imgate_frames_dropped_total",
+        "Inbound frames dropped, by reason"
+    );
+    describe_counter!(
+        "imgate_push_requests_total",
+        "Push requests, by method and result"
+    );
+    describe_histogram!(
+        "imgate_push_delivery_seconds",
+        Unit::Seconds,
+        "Push accepted to frame written to the socket"
+    );
+    describe_histogram!(
+        "imgate_upstream_seconds",
+        Unit::Seconds,
+        "Client send handled upstream, by result"
+    );
+    describe_histogram!(
+        "imgate_state_seconds",
+        Unit::Seconds,
+        "State store operation latency"
+    );
+    describe_counter!("imgate_state_errors_total", "Failed state store operations");
+    describe_gauge!("imgate_state_up", "1 when the state store answers");
+    describe_counter!(
+        "imgate_cluster_messages_total",
+        "Messages exchanged with other instances"
+    );
+    describe_gauge!("imgate_instances", "Instances in the cluster");
+    describe_gauge!("imgate_draining", "1 while the instance drains");
+    describe_counter!(
+        "imgate_webtransport_streams_refused_total",
+        "Extra WebTransport streams refused"
+    );
+    describe_counter!(
+        "imgate_webtransport_datagrams_total",
+        "WebTransport datagrams, by direction"
+    );
+    describe_counter!(
+        "imgate_status_changes_dropped_total",
+        "Presence changes dropped while the backend was away"
+    );
+    describe_gauge!("imgate_build_info", "Build information");
+}
+
+/// Create every series at zero.
+fn touch() {
+    for t in TRANSPORTS {
+        gauge!("imgate_connections", "transport" => t).set(0.0);
+        counter!("imgate_connections_opened_total", "transport" => t).absolute(0);
+        for c in CLOSE_CODES {
+            counter!("imgate_connections_closed_total", "transport" => t, "code" => c).absolute(0);
+        }
+        for ty in CLIENT_FRAME_TYPES {
+            counter!("imgate_frames_received_total", "transport" => t, "type" => ty).absolute(0);
+        }
+        for ty in SERVER_FRAME_TYPES {
+            counter!("imgate_frames_sent_total", "transport" => t, "type" => ty).absolute(0);
+        }
+        counter!("imgate_bytes_received_total", "transport" => t).absolute(0);
+        counter!("imgate_bytes_sent_total", "transport" => t).absolute(0);
+        counter!("imgate_slow_consumer_total", "transport" => t).absolute(0);
+        counter!("imgate_rate_limited_total", "transport" => t).absolute(0);
+        counter!("imgate_frames_dropped_total", "transport" => t, "reason" => "rate_limited")
+            .absolute(0);
+    }
+    for r in REJECT_REASONS {
+        counter!("imgate_connections_rejected_total", "reason" => r).absolute(0);
+    }
+    gauge!("imgate_unauthenticated_sessions").set(0.0);
+    for r in AUTH_RESULTS {
+        counter!("imgate_auth_total", "result" => r).absolute(0);
+    }
+    for r in TOKEN_CACHE_RESULTS {
+        counter!("imgate_token_cache_total", "result" => r).absolute(0);
+    }
+    for m in PUSH_METHODS {
+        for r in PUSH_RESULTS {
+            counter!("imgate_push_requests_total", "method" => m, "result" => r).absolute(0);
+        }
+    }
+    let _ = histogram!("imgate_push_delivery_seconds");
+    for r in UPSTREAM_RESULTS {
+        let _ = histogram!("imgate_upstream_seconds", "result" => r);
+    }
+    for b in STATE_BACKENDS {
+        for op in STATE_OPS {
+            let _ = histogram!("imgate_state_seconds", "backend" => b, "op" => op);
+            counter!("imgate_state_errors_total", "backend" => b, "op" => op).absolute(0);
+        }
+    }
+    gauge!("imgate_state_up").set(1.0);
+    for d in CLUSTER_DIRECTIONS {
+        counter!("imgate_cluster_messages_total", "direction" => d).absolute(0);
+        counter!("imgate_webtransport_datagrams_total", "direction" => d).absolute(0);
+    }
+    gauge!("imgate_instances").set(1.0);
+    gauge!("imgate_draining").set(0.0);
+    counter!("imgate_webtransport_streams_refused_total").absolute(0);
+    counter!("imgate_status_changes_dropped_total").absolute(0);
+}
+
+pub fn build_info() {
+    gauge!("imgate_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+}
+
+pub fn connection_opened(transport: &'static str) {
+    counter!("imgate_connections_opened_total", "transport" => transport).increment(1);
+}
+
+pub fn connection_closed(transport: &'static str, code: &'static str) {
+    counter!("imgate_connections_closed_total", "transport" => transport, "code" => code)
+        .increment(1);
+}
+
+pub fn connections_delta(transport: &'static str, delta: i64) {
+    gauge!("imgate_connections", "transport" => transport).increment(delta as f64);
+}
+
+pub fn frame_received(transport: &'static str, ty: &'static str) {
+    counter!("imgate_frames_received_total", "transport" => transport, "type" => ty).increment(1);
+}
+
+pub fn frames_sent(transport: &'static str, ty: &'static str, n: u64) {
+    counter!("imgate_frames_sent_total", "transport" => transport, "type" => ty).increment(n);
+}
+
+pub fn bytes_received(transport: &'static str, n: u64) {
+    counter!("imgate_bytes_received_total", "transport" => transport).increment(n);
+}
+
+pub fn bytes_sent(transport: &'static str, n: u64) {
+    counter!("imgate_bytes_sent_total", "transport" => transport).increment(n);
+}
+
+pub fn rejected(reason: &'static str) {
+    counter!("imgate_connections_rejected_total", "reason" => reason).increment(1);
+}
+
+pub fn unauthenticated_delta(delta: i64) {
+    gauge!("imgate_unauthenticated_sessions").increment(delta as f64);
+}
+
+pub fn auth_result(result: &'static str) {
+    counter!("imgate_auth_total", "result" => result).increment(1);
+}
+
+pub fn token_cache(result: &'static str) {
+    counter!("imgate_token_cache_total", "result" => result).increment(1);
+}
+
+pub fn slow_consumer(transport: &'static str) {
+    counter!("imgate_slow_consumer_total", "transport" => transport).increment(1);
+}
+
+pub fn rate_limited(transport: &'static str) {
+    counter!("imgate_rate_limited_total", "transport" => transport).increment(1);
+}
+
+pub fn frame_dropped(transport: &'static str, reason: &'static str) {
+    counter!("imgate_frames_dropped_total", "transport" => transport, "reason" => reason)
+        .increment(1);
+}
+
+pub fn push_request(method: &'static str, result: &'static str) {
+    counter!("imgate_push_requests_total", "method" => method, "result" => result).increment(1);
+}
+
+pub fn push_delivery(seconds: f64) {
+    histogram!("imgate_push_delivery_seconds").record(seconds);
+}
+
+pub fn upstream(result: &'static str, seconds: f64) {
+    histogram!("imgate_upstream_seconds", "result" => result).record(seconds);
+}
+
+pub fn state_op(backend: &'static str, op: &'static str, seconds: f64) {
+    histogram!("imgate_state_seconds", "backend" => backend, "op" => op).record(seconds);
+}
+
+pub fn state_error(backend: &'static str, op: &'static str) {
+    counter!("imgate_state_errors_total", "backend" => backend, "op" => op).increment(1);
+}
+
+pub fn state_up(up: bool) {
+    gauge!("imgate_state_up").set(if up { 1.0 } else { 0.0 });
+}
+
+pub fn cluster_message(direction: &'static str) {
+    counter!("imgate_cluster_messages_total", "direction" => direction).increment(1);
+}
+
+pub fn instances(n: usize) {
+    gauge!("imgate_instances").set(n as f64);
+}
+
+pub fn draining(on: bool) {
+    gauge!("imgate_draining").set(if on { 1.0 } else { 0.0 });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small exposition-format checker: comment lines, then `name{labels} value` lines
+    /// whose names were declared by a `# TYPE` line.
+    fn check_exposition(text: &str) {
+        let mut typed = std::collections::HashSet::new();
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let mut parts = rest.split(' ');
+                let name = parts.next().unwrap();
+                let kind = parts.next().unwrap();
+                assert!(
+                    ["counter", "gauge", "histogram", "summary"].contains(&kind),
+                    "{line}"
+                );
+                typed.insert(name.to_string());
+                continue;
+            }
+            if line.starts_with("# HELP ") {
+                continue;
+            }
+            let (series, value) = line.rsplit_once(' ').expect(line);
+            assert!(
+                value.parse::<f64>().is_ok() || value == "+Inf",
+                "bad value in {line}"
+            );
+            let name = series.split('{').next().unwrap();
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|b| typed.contains(*b)))
+                .unwrap_or(name);
+            assert!(typed.contains(base), "{name} has no # TYPE");
+            if let Some(labels) = series.strip_prefix(name) {
+                if !labels.is_empty() {
+                    assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
+                    for pair in labels[1..labels.len() - 1].split("\",") {
+                        let (k, v) = pair.split_once('=').expect(line);
+                        assert!(
+                            k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                            "{line}"
+                        );
+                        assert!(v.starts_with('"'), "{line}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_spec_series_exists_from_start() {
+        let handle = install();
+        build_info();
+        let text = handle.render();
+        for name in [
+            "imgate_connections",
+            "imgate_connections_opened_total",
+            "imgate_connections_closed_total",
+            "imgate_auth_total",
+            "imgate_frames_received_total",
+            "imgate_frames_sent_total",
+            "imgate_bytes_received_total",
+            "imgate_bytes_sent_total",
+            "imgate_push_requests_total",
+            "imgate_push_delivery_seconds",
+            "imgate_upstream_seconds",
+            "imgate_token_cache_total",
+            "imgate_state_seconds",
+            "imgate_state_errors_total",
+            "imgate_state_up",
+            "imgate_cluster_messages_total",
+            "imgate_instances",
+            "imgate_build_info",
+        ] {
+            assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
+        }
+        assert!(text.contains("imgate_connections_closed_total{transport=\"wt\",code=\"4507\"} 0"));
+        assert!(text.contains("imgate_push_delivery_seconds_bucket{le=\"0.0001\"}"));
+        check_exposition(&text);
+    }
+}

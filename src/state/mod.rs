@@ -3,6 +3,7 @@
 //! (single node); a Redis implementation runs the same contract tests (`contract`).
 
 pub mod contract;
+pub mod instrumented;
 pub mod memory;
 
 use bytes::Bytes;
@@ -90,7 +91,12 @@ pub trait State: Send + Sync + 'static {
     async fn append(&self, user: &str, msg: NewMessage) -> Result<Appended, StateError>;
 
     /// Up to `limit` retained entries with seq > `after`, oldest first, in the current epoch.
-    async fn read_after(&self, user: &str, after: u64, limit: usize) -> Result<InboxRange, StateError>;
+    async fn read_after(
+        &self,
+        user: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<InboxRange, StateError>;
 
     /// The user's epoch and newest seq. A user never seen gets an epoch too.
     async fn head(&self, user: &str) -> Result<InboxHead, StateError>;
@@ -103,7 +109,12 @@ pub trait State: Send + Sync + 'static {
     async fn ack(&self, user: &str, device: &str, epoch: &str, seq: u64) -> Result<(), StateError>;
 
     /// Change a group's members; returns the member count after the change.
-    async fn set_group_members(&self, group: &str, op: GroupOp, users: &[String]) -> Result<usize, StateError>;
+    async fn set_group_members(
+        &self,
+        group: &str,
+        op: GroupOp,
+        users: &[String],
+    ) -> Result<usize, StateError>;
 
     /// A group's members (empty for an unknown group).
     async fn group_members(&self, group: &str) -> Result<Vec<String>, StateError>;

@@ -1,0 +1,291 @@
+//! Load generator: starts `imgate serve` as a child process on loopback, drives it with real
+//! WebSocket clients from this process, and prints figures.
+//!
+//! ```text
+//! cargo build --release && cargo run --release --example bench -- idle --conns 10000 [--tls]
+//! cargo run --release --example bench -- chat --conns 1000 --rate 10000 --secs 10
+//! ```
+//! `idle`: gateway RSS growth per idle authenticated connection.
+//! `chat`: relay chat between pairs of clients at a total rate; send → receive latency.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+struct Opts {
+    mode: String,
+    conns: usize,
+    rate: u64,
+    secs: u64,
+    tls: bool,
+    gateway: String,
+}
+
+fn opts() -> Opts {
+    let mut o = Opts {
+        mode: String::new(),
+        conns: 1000,
+        rate: 10_000,
+        secs: 10,
+        tls: false,
+        gateway: "target/release/imgate".into(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut v = || it.next().expect("flag value");
+        match a.as_str() {
+            "--conns" => o.conns = v().parse().unwrap(),
+            "--rate" => o.rate = v().parse().unwrap(),
+            "--secs" => o.secs = v().parse().unwrap(),
+            "--tls" => o.tls = true,
+            "--gateway" => o.gateway = v(),
+            m if o.mode.is_empty() => o.mode = m.to_string(),
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    o
+}
+
+const HTTP: &str = "127.0.0.1:18080";
+const HTTPS: &str = "127.0.0.1:18443";
+const OPS: &str = "127.0.0.1:19090";
+
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap()
+}
+
+async fn http_get(addr: &str, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.ok()?;
+    Some(buf)
+}
+
+fn start_gateway(o: &Opts) -> std::process::Child {
+    std::process::Command::new(&o.gateway)
+        .arg("serve")
+        .env("IMGATE__LISTEN__HTTP", HTTP)
+        .env("IMGATE__LISTEN__HTTPS", HTTPS)
+        .env("IMGATE__LISTEN__OPS", OPS)
+        .env("IMGATE__LISTEN__GRPC", "")
+        .env("IMGATE__LISTEN__WEBTRANSPORT", "")
+        .env("IMGATE__LIMITS__MAX_PER_IP", "1000000")
+        .env("IMGATE__LIMITS__MAX_CONNECTIONS", "1000000")
+        .env("IMGATE__LIMITS__RATE_PER_SEC", "100000")
+        .env("IMGATE__LIMITS__RATE_BURST", "100000")
+        .env("IMGATE__LOG__LEVEL", "warn")
+        .spawn()
+        .expect("start the gateway (cargo build --release first)")
+}
+
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+type Ws = tokio_tungstenite::WebSocketStream<Box<dyn Io>>;
+
+async fn connect(user: &str, tls: bool, pin: Option<[u8; 32]>) -> Ws {
+    let t = imgate::auth::jwt::issue_hs256(
+        imgate::config::DEV_JWT_SECRET,
+        user,
+        Some("bench"),
+        None,
+        Duration::from_secs(3600),
+    )
+    .unwrap();
+    let (url, addr) = if tls {
+        (format!("wss://localhost/ws?token={t}"), HTTPS)
+    } else {
+        (format!("ws://{HTTP}/ws?token={t}"), HTTP)
+    };
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let io: Box<dyn Io> = if tls {
+        let c = tokio_rustls::TlsConnector::from(imgate::tls::pinned_client_config(pin.unwrap()));
+        Box::new(
+            c.connect(
+                rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+                tcp,
+            )
+            .await
+            .unwrap(),
+        )
+    } else {
+        Box::new(tcp)
+    };
+    let (mut ws, _) = tokio_tungstenite::client_async(url.into_client_request().unwrap(), io)
+        .await
+        .unwrap();
+    // welcome, then synced
+    for _ in 0..2 {
+        ws.next().await.unwrap().unwrap();
+    }
+    ws
+}
+
+async fn pin() -> Option<[u8; 32]> {
+    let r = http_get(HTTP, "/cert-hash").await?;
+    let v: Value = serde_json::from_str(r.split_once("\r\n\r\n")?.1).ok()?;
+    let hex = v["sha256_hex"].as_str()?;
+    let mut p = [0u8; 32];
+    for (i, b) in p.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(p)
+}
+
+#[tokio::main]
+async fn main() {
+    imgate::tls::install_crypto_provider();
+    let o = opts();
+    let mut child = start_gateway(&o);
+    let pid = child.id();
+    let t0 = Instant::now();
+    while http_get(OPS, "/readyz")
+        .await
+        .is_none_or(|r| !r.starts_with("HTTP/1.1 200"))
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "gateway did not become ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pin = pin().await;
+    match o.mode.as_str() {
+        "idle" => idle(&o, pid, pin).await,
+        "chat" => chat(&o, pin).await,
+        m => eprintln!("unknown mode {m:?}: idle | chat"),
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+async fn idle(o: &Opts, pid: u32, pin: Option<[u8; 32]>) {
+    // Warm up allocator arenas and lazy statics with a first batch, then measure.
+    let warm: Vec<Ws> = futures_util::future::join_all(
+        (0..100).map(|i| connect_owned(format!("w{i}"), o.tls, pin)),
+    )
+    .await;
+    let before = rss_kib(pid);
+    let mut conns = Vec::with_capacity(o.conns);
+    for chunk in (0..o.conns).collect::<Vec<_>>().chunks(500) {
+        let batch = futures_util::future::join_all(
+            chunk
+                .iter()
+                .map(|i| connect_owned(format!("u{i}"), o.tls, pin)),
+        )
+        .await;
+        conns.extend(batch);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss_kib(pid);
+    let per = (after - before) as f64 / o.conns as f64;
+    println!(
+        "idle {}: {} connections, gateway RSS {} KiB -> {} KiB: {:.2} KiB per connection",
+        if o.tls { "wss" } else { "ws" },
+        o.conns,
+        before,
+        after,
+        per
+    );
+    drop(warm);
+}
+
+async fn connect_owned(user: String, tls: bool, pin: Option<[u8; 32]>) -> Ws {
+    connect(&user, tls, pin).await
+}
+
+async fn chat(o: &Opts, pin: Option<[u8; 32]>) {
+    let pairs = o.conns / 2;
+    let per_conn_rate = o.rate as f64 / pairs as f64; // senders are half the clients
+    let lat = Arc::new(parking_lot::Mutex::new(Vec::<u64>::with_capacity(
+        (o.rate * o.secs) as usize,
+    )));
+    let received = Arc::new(AtomicU64::new(0));
+    let sent = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let epoch_ns = move || start.elapsed().as_nanos() as u64;
+    let mut tasks = Vec::new();
+    for p in 0..pairs {
+        let a = connect(&format!("a{p}"), o.tls, pin).await;
+        let b = connect(&format!("b{p}"), o.tls, pin).await;
+        let (lat, received, sent) = (lat.clone(), received.clone(), sent.clone());
+        let secs = o.secs;
+        tasks.push(tokio::spawn(async move {
+            let (mut atx, mut arx) = a.split();
+            let (mut btx, mut brx) = b.split();
+            let interval = Duration::from_secs_f64(1.0 / per_conn_rate);
+            // Stagger senders over one interval.
+            tokio::time::sleep(interval.mul_f64(rand::random::<f64>())).await;
+            let sender = async {
+                let mut tick = tokio::time::interval(interval);
+                let deadline = Instant::now() + Duration::from_secs(secs);
+                let mut id = 0u64;
+                while Instant::now() < deadline {
+                    tick.tick().await;
+                    id += 1;
+                    let frame = json!({"type":"send","id":id.to_string(),"to":format!("b{p}"),"body":epoch_ns()});
+                    atx.send(Message::Text(frame.to_string().into())).await.unwrap();
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
+            };
+            let replies = async { while let Some(Ok(_)) = arx.next().await {} };
+            let receiver = async {
+                while let Some(Ok(m)) = brx.next().await {
+                    if let Message::Text(t) = m {
+                        let v: Value = serde_json::from_str(&t).unwrap();
+                        if v["type"] == "push" {
+                            let now = epoch_ns();
+                            lat.lock().push(now - v["body"].as_u64().unwrap());
+                            received.fetch_add(1, Ordering::Relaxed);
+                            let ack = json!({"type":"ack","seq":v["seq"],"epoch":v["epoch"]});
+                            btx.send(Message::Text(ack.to_string().into())).await.unwrap();
+                        }
+                    }
+                }
+            };
+            tokio::select! {
+                _ = async { sender.await; tokio::time::sleep(Duration::from_secs(2)).await } => {}
+                _ = replies => {}
+                _ = receiver => {}
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let mut l = lat.lock().clone();
+    l.sort_unstable();
+    let q = |p: f64| {
+        l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0) as f64
+            / 1e6
+    };
+    println!(
+        "chat {}: {} clients, {} sent, {} received in {} s ({:.0}/s): p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms",
+        if o.tls { "wss" } else { "ws" },
+        pairs * 2,
+        sent.load(Ordering::Relaxed),
+        received.load(Ordering::Relaxed),
+        o.secs,
+        received.load(Ordering::Relaxed) as f64 / o.secs as f64,
+        q(0.5),
+        q(0.99),
+        q(0.999),
+        l.last().copied().unwrap_or(0) as f64 / 1e6
+    );
+}

@@ -1,0 +1,148 @@
+//! Delivery (SPEC §5): durable pushes are stored, then handed to the user's connections;
+//! transient pushes and broadcasts only reach connections open now.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::hub::{Hub, PushItem};
+use crate::protocol::Push;
+use crate::state::{NewMessage, State, StateError};
+
+/// A message to push, as the gRPC API and the relay upstream give it.
+#[derive(Debug, Clone, Default)]
+pub struct OutMessage {
+    /// Empty: a unique id is generated.
+    pub id: String,
+    pub from: String,
+    pub kind: String,
+    pub body: Bytes,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushOutcome {
+    pub message_id: String,
+    /// Durable pushes: the seq and epoch the message is stored under.
+    pub seq: u64,
+    pub epoch: String,
+    /// Connections the push was handed to.
+    pub delivered: u32,
+    pub online: bool,
+    /// The id was already stored within the dedupe window: not stored or delivered again.
+    pub duplicate: bool,
+}
+
+pub struct Delivery {
+    hub: Arc<Hub>,
+    state: Arc<dyn State>,
+}
+
+/// A fresh message id: 128 random bits, hex.
+pub fn new_message_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+fn opt(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+impl Delivery {
+    pub fn new(hub: Arc<Hub>, state: Arc<dyn State>) -> Delivery {
+        Delivery { hub, state }
+    }
+
+    /// Store in the user's inbox, then hand to every connected device. Succeeds only once
+    /// stored; a store failure is returned (never a silent loss).
+    pub async fn push_durable(
+        &self,
+        user: &str,
+        msg: OutMessage,
+    ) -> Result<PushOutcome, StateError> {
+        let id = if msg.id.is_empty() {
+            new_message_id()
+        } else {
+            msg.id
+        };
+        let ts = crate::now_ms();
+        let stored = self
+            .state
+            .append(
+                user,
+                NewMessage {
+                    id: id.clone(),
+                    from: msg.from.clone(),
+                    kind: msg.kind.clone(),
+                    body: msg.body.clone(),
+                    ts_ms: ts,
+                },
+            )
+            .await?;
+        let online = !self.hub.connections(user).is_empty();
+        let delivered = if stored.duplicate {
+            0
+        } else {
+            let item = PushItem::new(Push {
+                id: id.clone(),
+                from: opt(&msg.from),
+                kind: opt(&msg.kind),
+                body: msg.body,
+                ts,
+                seq: Some(stored.seq),
+                epoch: Some(stored.epoch.clone()),
+            });
+            self.hub.deliver(user, &item)
+        };
+        Ok(PushOutcome {
+            message_id: id,
+            seq: stored.seq,
+            epoch: stored.epoch,
+            delivered,
+            online,
+            duplicate: stored.duplicate,
+        })
+    }
+
+    /// Hand to the devices connected now; nothing is stored.
+    pub fn push_transient(&self, user: &str, msg: OutMessage) -> PushOutcome {
+        let item = Self::transient_item(msg);
+        let delivered = self.hub.deliver(user, &item);
+        PushOutcome {
+            message_id: item.push.id.clone(),
+            seq: 0,
+            epoch: String::new(),
+            delivered,
+            online: delivered > 0 || !self.hub.connections(user).is_empty(),
+            duplicate: false,
+        }
+    }
+
+    /// Transient, to every connection on this instance; encoded once.
+    pub fn broadcast(&self, msg: OutMessage) -> u32 {
+        self.hub.broadcast(&Self::transient_item(msg))
+    }
+
+    fn transient_item(msg: OutMessage) -> Arc<PushItem> {
+        let id = if msg.id.is_empty() {
+            new_message_id()
+        } else {
+            msg.id
+        };
+        PushItem::new(Push {
+            id,
+            from: opt(&msg.from),
+            kind: opt(&msg.kind),
+            body: msg.body,
+            ts: crate::now_ms(),
+            seq: None,
+            epoch: None,
+        })
+    }
+
+    pub fn state(&self) -> &Arc<dyn State> {
+        &self.state
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+}

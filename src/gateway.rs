@@ -1,0 +1,430 @@
+//! Builds the gateway from its config, binds the listeners, and runs it until a graceful
+//! drain (SPEC §10).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use parking_lot::Mutex;
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::auth::handshake::{OriginPolicy, TrustedProxies};
+use crate::auth::Authenticator;
+use crate::config::{Config, Profile, StateBackend};
+use crate::delivery::Delivery;
+use crate::hub::Hub;
+use crate::ops::metrics;
+use crate::protocol::CloseCode;
+use crate::state::instrumented::Instrumented;
+use crate::state::memory::MemoryState;
+use crate::state::State;
+use crate::tls::CertStore;
+use crate::transport::Transport;
+use crate::upstream::Upstream;
+
+/// Everything a connection needs, shared by all of them.
+pub struct Gateway {
+    pub cfg: Config,
+    pub instance_id: String,
+    pub auth: Authenticator,
+    pub hub: Arc<Hub>,
+    pub state: Arc<dyn State>,
+    pub delivery: Arc<Delivery>,
+    pub upstream: Upstream,
+    pub certs: Option<Arc<CertStore>>,
+    pub limits: Arc<Limits>,
+    pub trusted: TrustedProxies,
+    pub origins: OriginPolicy,
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// Cancelled when the drain begins: accept loops stop, unauthenticated sessions end.
+    pub shutdown: CancellationToken,
+    /// Every session task, so the drain can wait for them.
+    pub sessions: TaskTracker,
+    draining: AtomicBool,
+    state_up: AtomicBool,
+    next_id: AtomicU64,
+}
+
+impl Gateway {
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Ready: started and not draining (`/readyz`).
+    pub fn is_ready(&self) -> bool {
+        !self.is_draining()
+    }
+
+    pub fn state_up(&self) -> bool {
+        self.state_up.load(Ordering::Relaxed)
+    }
+
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Close a user's connections (all, or one device's) with 4502 and revoke the user's
+    /// tokens issued until now, so a kicked client cannot simply reconnect (SPEC §2).
+    pub async fn kick_user(
+        &self,
+        user: &str,
+        device: Option<&str>,
+        reason: &str,
+    ) -> Result<u32, crate::state::StateError> {
+        self.revoke_tokens(user).await?;
+        let reason = if reason.is_empty() {
+            CloseCode::Kicked.reason()
+        } else {
+            reason
+        };
+        Ok(self.hub.kick(user, device, CloseCode::Kicked, reason))
+    }
+
+    /// Refuse from now on every token of `user` issued until now; returns the cache
+    /// entries evicted.
+    pub async fn revoke_tokens(&self, user: &str) -> Result<u32, crate::state::StateError> {
+        let now = crate::now_ms();
+        self.state.revoke(user, now).await?;
+        Ok(self.auth.revoke_user(user, now))
+    }
+}
+
+/// The addresses the listeners actually bound (port 0 in tests).
+#[derive(Debug, Clone, Default)]
+pub struct BoundAddrs {
+    pub http: Option<SocketAddr>,
+    pub https: Option<SocketAddr>,
+    pub ops: Option<SocketAddr>,
+}
+
+/// A started gateway.
+pub struct Running {
+    pub gw: Arc<Gateway>,
+    pub addrs: BoundAddrs,
+    /// Background tasks (listeners, maintenance); stopped after the drain.
+    background: TaskTracker,
+    stop_background: CancellationToken,
+}
+
+async fn bind(value: &str, what: &str) -> anyhow::Result<Option<TcpListener>> {
+    let Some(addr) = crate::config::ListenConfig::addr(value) else {
+        return Ok(None);
+    };
+    let l = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot bind listen.{what} on {addr}"))?;
+    Ok(Some(l))
+}
+
+/// Build and start a gateway: bind every configured listener and begin serving.
+pub async fn start(cfg: Config) -> anyhow::Result<Running> {
+    crate::tls::install_crypto_provider();
+    let metrics_handle = metrics::install();
+    metrics::build_info();
+
+    let instance_id = cfg.instance_id();
+    let auth = Authenticator::from_config(&cfg.auth, cfg.profile).context("auth")?;
+    let hub = Arc::new(Hub::new(cfg.sessions.policy, cfg.sessions.max_per_user));
+    let memory = match cfg.state.backend {
+        StateBackend::Memory => Arc::new(MemoryState::new(&cfg.state)),
+        StateBackend::Redis => {
+            anyhow::bail!("state.backend = \"redis\" is not available in this build yet")
+        }
+    };
+    let state: Arc<dyn State> = Arc::new(Instrumented::new(memory.clone()));
+    let delivery = Arc::new(Delivery::new(hub.clone(), state.clone()));
+    let upstream = match cfg.upstream.mode {
+        crate::config::UpstreamMode::Relay => Upstream::Relay(delivery.clone()),
+        crate::config::UpstreamMode::Grpc => {
+            anyhow::bail!("upstream.mode = \"grpc\" is not available in this build yet")
+        }
+    };
+    let certs = if cfg.listen.https.is_empty() && cfg.listen.webtransport.is_empty() {
+        None
+    } else if !cfg.tls.cert_file.is_empty() {
+        Some(Arc::new(CertStore::from_files(
+            &cfg.tls.cert_file,
+            &cfg.tls.key_file,
+        )?))
+    } else if cfg.profile == Profile::Dev {
+        Some(Arc::new(CertStore::dev()?))
+    } else {
+        None
+    };
+    let trusted = TrustedProxies::parse(&cfg.net.trusted_proxies).map_err(anyhow::Error::msg)?;
+    let origins = OriginPolicy::new(&cfg.net.allowed_origins, cfg.profile == Profile::Dev);
+    let limits = Arc::new(Limits::new(&cfg));
+
+    let http = bind(&cfg.listen.http, "http").await?;
+    let https = match (&certs, cfg.listen.https.is_empty()) {
+        (Some(_), false) => bind(&cfg.listen.https, "https").await?,
+        (None, false) => {
+            warn!("listen.https is set but no TLS certificate is configured: HTTPS disabled");
+            None
+        }
+        _ => None,
+    };
+    let ops = bind(&cfg.listen.ops, "ops").await?;
+    let addrs = BoundAddrs {
+        http: http.as_ref().and_then(|l| l.local_addr().ok()),
+        https: https.as_ref().and_then(|l| l.local_addr().ok()),
+        ops: ops.as_ref().and_then(|l| l.local_addr().ok()),
+    };
+
+    let gw = Arc::new(Gateway {
+        cfg,
+        instance_id,
+        auth,
+        hub,
+        state,
+        delivery,
+        upstream,
+        certs,
+        limits,
+        trusted,
+        origins,
+        metrics: metrics_handle,
+        shutdown: CancellationToken::new(),
+        sessions: TaskTracker::new(),
+        draining: AtomicBool::new(false),
+        state_up: AtomicBool::new(true),
+        next_id: AtomicU64::new(1),
+    });
+
+    let background = TaskTracker::new();
+    let stop_background = CancellationToken::new();
+    if let Some(l) = http {
+        background.spawn(crate::transport::http::serve(
+            gw.clone(),
+            l,
+            None,
+            Transport::Ws,
+        ));
+    }
+    if let (Some(l), Some(certs)) = (https, &gw.certs) {
+        let tls = tokio_rustls::TlsAcceptor::from(certs.server_config(&[b"http/1.1"]));
+        background.spawn(crate::transport::http::serve(
+            gw.clone(),
+            l,
+            Some(tls),
+            Transport::Wss,
+        ));
+    }
+    if let Some(l) = ops {
+        background.spawn(crate::ops::server::serve(
+            gw.clone(),
+            l,
+            stop_background.clone(),
+        ));
+    }
+    if let Some(certs) = &gw.certs {
+        background.spawn(certs.spawn_maintenance(stop_background.clone()));
+    }
+    background.spawn(maintenance(gw.clone(), memory, stop_background.clone()));
+    metrics::draining(false);
+    info!(
+        instance = %gw.instance_id,
+        http = ?addrs.http, https = ?addrs.https, ops = ?addrs.ops,
+        profile = ?gw.cfg.profile,
+        "imgate started"
+    );
+    Ok(Running {
+        gw,
+        addrs,
+        background,
+        stop_background,
+    })
+}
+
+/// Periodic work: inbox expiry and the state-store health gauge.
+async fn maintenance(gw: Arc<Gateway>, memory: Arc<MemoryState>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        memory.sweep();
+        let up = gw.state.ping().await.is_ok();
+        gw.state_up.store(up, Ordering::Relaxed);
+        metrics::state_up(up);
+    }
+}
+
+impl Running {
+    /// Wait for SIGTERM or SIGINT, then drain.
+    pub async fn run_until_signal(self) -> anyhow::Result<()> {
+        wait_for_signal().await;
+        info!("signal received: draining");
+        self.drain().await;
+        Ok(())
+    }
+
+    /// Graceful drain (SPEC §10): not ready, stop accepting, `kick` 4101 to every client
+    /// spread over `drain_window`, flush, wait for sessions (bounded by `shutdown.timeout`).
+    pub async fn drain(self) {
+        let gw = &self.gw;
+        let started = tokio::time::Instant::now();
+        gw.draining.store(true, Ordering::Relaxed);
+        metrics::draining(true);
+        gw.shutdown.cancel();
+        gw.sessions.close();
+
+        let mut conns = gw.hub.all();
+        // Spread the kicks with jitter so reconnects do not stampede the other instances.
+        use rand::seq::SliceRandom;
+        conns.shuffle(&mut rand::rng());
+        let window = gw.cfg.shutdown.drain_window;
+        let n = conns.len().max(1) as u32;
+        let deadline = started + gw.cfg.shutdown.timeout;
+        for (i, c) in conns.iter().enumerate() {
+            let at = started + window * (i as u32) / n;
+            tokio::time::sleep_until(at.min(deadline)).await;
+            c.control
+                .close(CloseCode::Draining, CloseCode::Draining.reason());
+        }
+        if tokio::time::timeout_at(deadline, gw.sessions.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                left = gw.hub.connection_count(),
+                "shutdown timeout: exiting with sessions open"
+            );
+        }
+        self.stop_background.cancel();
+        self.background.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.background.wait()).await;
+        info!(elapsed_ms = started.elapsed().as_millis() as u64, "drained");
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+// ---- admission limits ---------------------------------------------------------------------
+
+/// Node connection limit, per-IP limit and the cap on unauthenticated sessions.
+pub struct Limits {
+    node: Arc<Semaphore>,
+    unauth: Arc<Semaphore>,
+    per_ip: Mutex<HashMap<IpAddr, u32>>,
+    max_per_ip: u32,
+}
+
+/// Why a handshake was refused before the upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    NodeLimit,
+    IpLimit,
+    UnauthLimit,
+}
+
+impl Rejection {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Rejection::NodeLimit => "node_limit",
+            Rejection::IpLimit => "ip_limit",
+            Rejection::UnauthLimit => "unauth_limit",
+        }
+    }
+}
+
+/// Held for a session's life; releases its slots when dropped.
+pub struct Permits {
+    _node: OwnedSemaphorePermit,
+    ip: Option<(Arc<Limits>, IpAddr)>,
+    unauth: Option<OwnedSemaphorePermit>,
+}
+
+impl Permits {
+    /// The session authenticated: it no longer counts as unauthenticated.
+    pub fn authenticated(&mut self) {
+        if self.unauth.take().is_some() {
+            metrics::unauthenticated_delta(-1);
+        }
+    }
+}
+
+impl Drop for Permits {
+    fn drop(&mut self) {
+        self.authenticated();
+        if let Some((limits, ip)) = self.ip.take() {
+            let mut map = limits.per_ip.lock();
+            if let Some(n) = map.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+impl Limits {
+    pub fn new(cfg: &Config) -> Limits {
+        Limits {
+            node: Arc::new(Semaphore::new(cfg.limits.max_connections)),
+            unauth: Arc::new(Semaphore::new(cfg.limits.max_unauthenticated)),
+            per_ip: Mutex::new(HashMap::new()),
+            max_per_ip: cfg.limits.max_per_ip as u32,
+        }
+    }
+
+    /// Take the slots a new session needs; `unauthenticated`: it will wait for an `auth` frame.
+    pub fn admit(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        unauthenticated: bool,
+    ) -> Result<Permits, Rejection> {
+        let node = self
+            .node
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Rejection::NodeLimit)?;
+        let unauth = if unauthenticated {
+            let p = self
+                .unauth
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| Rejection::UnauthLimit)?;
+            metrics::unauthenticated_delta(1);
+            Some(p)
+        } else {
+            None
+        };
+        let mut permits = Permits {
+            _node: node,
+            ip: None,
+            unauth,
+        };
+        {
+            let mut map = self.per_ip.lock();
+            let n = map.entry(ip).or_insert(0);
+            if *n >= self.max_per_ip {
+                return Err(Rejection::IpLimit);
+            }
+            *n += 1;
+        }
+        permits.ip = Some((self.clone(), ip));
+        Ok(permits)
+    }
+}

@@ -1,0 +1,676 @@
+//! The per-connection driver: authentication, the read loop, the writer, heartbeats,
+//! limits and resume, for any [`Session`]. One task per connection owns everything here.
+
+pub mod rate;
+mod sync;
+
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
+use tracing::{debug, Instrument};
+
+use crate::auth::handshake::HandshakeParams;
+use crate::auth::{AuthError, Identity};
+use crate::gateway::{Gateway, Permits};
+use crate::hub::{ConnHandle, ConnInfo, Control, PushItem};
+use crate::ops::metrics;
+use crate::protocol::{ClientFrame, CloseCode, Codec, DecodeError, Reply, ServerFrame, Welcome};
+use crate::state::StateError;
+use crate::transport::{Inbound, Session, SessionError, Transport};
+use crate::upstream::Sender;
+
+use rate::{RateLimiter, Verdict};
+use sync::Sync;
+
+/// What a transport hands over with an open session.
+pub struct Admission {
+    pub params: HandshakeParams,
+    pub ip: IpAddr,
+    /// The outcome of a token presented at the handshake; `None`: the client must send `auth`.
+    pub handshake_auth: Option<Result<Identity, AuthError>>,
+    /// Node, per-IP and unauthenticated-session permits, released when the session ends.
+    pub permits: Permits,
+}
+
+/// Why a connection ends.
+#[derive(Debug)]
+enum End {
+    /// Send `kick` with this code, then close.
+    Kick(CloseCode, String),
+    /// The peer closed (`true`: cleanly) or the connection broke.
+    Gone(bool),
+}
+
+impl End {
+    fn kick(code: CloseCode) -> End {
+        End::Kick(code, code.reason().to_string())
+    }
+}
+
+impl From<SessionError> for End {
+    fn from(e: SessionError) -> End {
+        match e {
+            SessionError::TooLarge => End::kick(CloseCode::FrameTooLarge),
+            SessionError::Protocol(m) => End::Kick(CloseCode::ProtocolError, m),
+            SessionError::Io(_) => End::Gone(false),
+        }
+    }
+}
+
+impl From<StateError> for End {
+    fn from(_: StateError) -> End {
+        End::Kick(CloseCode::Internal, "state store unavailable".into())
+    }
+}
+
+/// Run a session to its end.
+pub async fn run<S: Session>(gw: Arc<Gateway>, session: S, adm: Admission) {
+    let transport = session.transport();
+    let span = tracing::debug_span!("conn", transport = transport.as_str(), ip = %adm.ip, user = tracing::field::Empty);
+    async move {
+        let t = transport.as_str();
+        metrics::connection_opened(t);
+        metrics::connections_delta(t, 1);
+        let code = Conn::new(gw, session, &adm).run(adm).await;
+        metrics::connections_delta(t, -1);
+        metrics::connection_closed(t, code);
+        debug!(code, "connection closed");
+    }
+    .instrument(span)
+    .await
+}
+
+struct Conn<S> {
+    gw: Arc<Gateway>,
+    session: S,
+    transport: Transport,
+    codec: Codec,
+    /// Frames encoded and waiting for the next flush, with their `type` for metrics.
+    out: Vec<Bytes>,
+    out_types: Vec<&'static str>,
+    /// Accept times of the pushes in `out`, for `imgate_push_delivery_seconds`.
+    out_pushes: Vec<Instant>,
+    last_inbound: Instant,
+    rate: RateLimiter,
+    heartbeat: Interval,
+    expiry: Pin<Box<Sleep>>,
+    /// Close requests from outside (set once registered), also watched while a write is
+    /// blocked on a client that does not read.
+    control: Option<Arc<Control>>,
+}
+
+/// How long the final writes (queued frames, `kick`) may take before the socket is dropped.
+const FINAL_WRITE: Duration = Duration::from_secs(5);
+
+impl<S: Session> Conn<S> {
+    fn new(gw: Arc<Gateway>, session: S, adm: &Admission) -> Self {
+        let now = Instant::now();
+        let cfg = &gw.cfg;
+        let mut heartbeat =
+            tokio::time::interval_at(now + cfg.sessions.heartbeat, cfg.sessions.heartbeat);
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        Conn {
+            transport: session.transport(),
+            codec: adm.params.codec,
+            out: Vec::new(),
+            out_types: Vec::new(),
+            out_pushes: Vec::new(),
+            last_inbound: now,
+            rate: RateLimiter::new(
+                cfg.limits.rate_per_sec,
+                cfg.limits.rate_burst,
+                cfg.limits.rate_close_after,
+                now,
+            ),
+            heartbeat,
+            // Armed for real once a token is accepted.
+            expiry: Box::pin(tokio::time::sleep(Duration::from_secs(86400 * 365))),
+            control: None,
+            session,
+            gw,
+        }
+    }
+
+    /// The whole life of the connection; returns the close code label for metrics.
+    async fn run(mut self, mut adm: Admission) -> &'static str {
+        let end = match self.authenticate(&mut adm).await {
+            Ok((identity, since)) => {
+                // Authenticated: no longer counts against `max_unauthenticated`.
+                adm.permits.authenticated();
+                self.serve(identity, since.or(adm.params.since.take()), &adm)
+                    .await
+            }
+            Err(end) => end,
+        };
+        self.finish(end).await
+    }
+
+    // ---- authentication ---------------------------------------------------------------
+
+    async fn authenticate(
+        &mut self,
+        adm: &mut Admission,
+    ) -> Result<(Identity, Option<String>), End> {
+        if let Some(result) = adm.handshake_auth.take() {
+            return result.map(|id| (id, None)).map_err(auth_end);
+        }
+        let deadline = Instant::now() + self.gw.cfg.auth.auth_timeout;
+        loop {
+            self.flush().await?;
+            let inbound = tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(End::Kick(CloseCode::Timeout, "no auth frame in time".into()));
+                }
+                _ = self.gw.shutdown.cancelled() => return Err(End::kick(CloseCode::Draining)),
+                r = self.session.recv() => r?,
+            };
+            let Some(data) = self.inbound_frame(inbound)? else {
+                continue;
+            };
+            match self.codec.decode(&data) {
+                Ok(ClientFrame::Auth { token, since }) => {
+                    self.count_received("auth");
+                    let id = self.gw.auth.authenticate(&token).await.map_err(auth_end)?;
+                    return Ok((id, since));
+                }
+                Ok(ClientFrame::Ping { id }) => {
+                    self.count_received("ping");
+                    self.queue(ServerFrame::Pong {
+                        id,
+                        ts: crate::now_ms(),
+                    });
+                }
+                Ok(_) | Err(DecodeError::UnknownType(_)) | Err(DecodeError::BadSend { .. }) => {
+                    return Err(End::Kick(
+                        CloseCode::Unauthorized,
+                        "authenticate first".into(),
+                    ));
+                }
+                Err(DecodeError::Malformed(m)) => {
+                    return Err(End::Kick(CloseCode::ProtocolError, m))
+                }
+            }
+        }
+    }
+
+    // ---- the authenticated session ------------------------------------------------------
+
+    async fn serve(&mut self, identity: Identity, since: Option<String>, adm: &Admission) -> End {
+        let gw = self.gw.clone();
+        let device = identity
+            .device
+            .clone()
+            .or_else(|| adm.params.device.clone())
+            .unwrap_or_else(|| format!("d-{:016x}", rand::random::<u64>()));
+        let platform = identity
+            .platform
+            .clone()
+            .or_else(|| adm.params.platform.clone())
+            .unwrap_or_else(|| "other".into());
+        tracing::Span::current().record("user", identity.user.as_str());
+        let info = Arc::new(ConnInfo {
+            id: gw.next_conn_id(),
+            session: format!("{:016x}", rand::random::<u64>()),
+            user: identity.user.clone(),
+            device,
+            platform,
+            transport: self.transport,
+            connected_at_ms: crate::now_ms(),
+        });
+        let (tx, mut rx) = mpsc::channel(gw.cfg.sessions.outbound_queue);
+        let control = Arc::new(Control::default());
+        let handle = ConnHandle {
+            info: info.clone(),
+            tx,
+            control: control.clone(),
+        };
+        if let Err(code) = gw.hub.register(handle) {
+            return End::kick(code);
+        }
+        let _registered = Registered {
+            gw: gw.clone(),
+            info: info.clone(),
+        };
+        self.control = Some(control.clone());
+        if gw.is_draining() {
+            return End::kick(CloseCode::Draining);
+        }
+        self.arm_expiry(identity.expires_at_ms);
+
+        let mut sync = match self.welcome(&info, &identity, since.as_deref()).await {
+            Ok(sync) => sync,
+            Err(end) => return end,
+        };
+        let sender = Sender {
+            user: info.user.clone(),
+            device: info.device.clone(),
+            platform: info.platform.clone(),
+            session: info.session.clone(),
+        };
+        let batch = gw.cfg.sessions.write_batch.max(1);
+        let mut items: Vec<Arc<PushItem>> = Vec::with_capacity(batch);
+
+        let end = loop {
+            if let Err(end) = self.flush().await {
+                break end;
+            }
+            let step = tokio::select! {
+                biased;
+                (code, reason) = control.requested() => Err(End::Kick(code, reason)),
+                n = rx.recv_many(&mut items, batch) => {
+                    if n == 0 {
+                        Err(End::kick(CloseCode::Internal))
+                    } else {
+                        self.on_pushes(&mut sync, &info, &mut items).await
+                    }
+                }
+                r = self.session.recv() => match r {
+                    Ok(inbound) => self.on_inbound(inbound, &mut sync, &info, &identity, &sender).await,
+                    Err(e) => Err(End::from(e)),
+                },
+                _ = self.heartbeat.tick() => self.on_heartbeat().await,
+                _ = &mut self.expiry => Err(End::kick(CloseCode::TokenExpired)),
+            };
+            if let Err(end) = step {
+                break end;
+            }
+        };
+        // Flush what is queued before a kick (drain, backend kick...), except for a slow
+        // consumer whose queue is the problem: it is made whole by replay instead.
+        if let End::Kick(code, _) = &end {
+            if *code != CloseCode::SlowConsumer {
+                rx.close();
+                while let Ok(item) = rx.try_recv() {
+                    items.push(item);
+                }
+                let _ = self.on_pushes(&mut sync, &info, &mut items).await;
+            }
+        }
+        end
+    }
+
+    async fn welcome(
+        &mut self,
+        info: &ConnInfo,
+        identity: &Identity,
+        since: Option<&str>,
+    ) -> Result<Sync, End> {
+        let gw = self.gw.clone();
+        let head = gw.state.head(&info.user).await?;
+        let cursors = gw.state.cursors(&info.user, &info.device).await?;
+        let sync = Sync::start(head.clone(), cursors, since);
+        self.queue(ServerFrame::Welcome(Welcome {
+            session: info.session.clone(),
+            user: info.user.clone(),
+            device: info.device.clone(),
+            platform: info.platform.clone(),
+            transport: self.transport.as_str().into(),
+            instance: gw.instance_id.clone(),
+            heartbeat_ms: gw.cfg.sessions.heartbeat.as_millis() as u64,
+            max_frame: gw.cfg.limits.max_frame as u64,
+            epoch: head.epoch,
+            head_seq: head.head_seq,
+            cursor: cursors.device.unwrap_or(0),
+            token_expires_at_ms: identity.expires_at_ms,
+        }));
+        let mut sync = sync;
+        self.replay_next(&mut sync, info).await?;
+        Ok(sync)
+    }
+
+    // ---- delivery -----------------------------------------------------------------------
+
+    async fn on_pushes(
+        &mut self,
+        sync: &mut Sync,
+        info: &ConnInfo,
+        items: &mut Vec<Arc<PushItem>>,
+    ) -> Result<(), End> {
+        for item in items.drain(..) {
+            match (item.push.seq, item.push.epoch.as_deref()) {
+                (Some(seq), Some(epoch)) => {
+                    if epoch != sync.epoch {
+                        // The inbox was lost under a live session: have the client resync.
+                        return Err(End::Kick(CloseCode::Internal, "inbox epoch changed".into()));
+                    }
+                    if !sync.live {
+                        // Replay will reach it (no live durable push before `synced`).
+                        sync.max_live_seen = sync.max_live_seen.max(seq);
+                        continue;
+                    }
+                    if seq <= sync.last_sent {
+                        continue;
+                    }
+                    if seq > sync.last_sent + 1 {
+                        self.fill_gap(sync, info, seq - 1).await?;
+                    }
+                    self.queue_push(&item);
+                    sync.last_sent = seq;
+                }
+                _ => self.queue_push(&item),
+            }
+        }
+        Ok(())
+    }
+
+    /// Send stored entries up to `upto` that this device has not been sent yet.
+    async fn fill_gap(&mut self, sync: &mut Sync, info: &ConnInfo, upto: u64) -> Result<(), End> {
+        let limit = self.gw.cfg.state.replay_limit.max(1);
+        while sync.last_sent < upto {
+            let range = self
+                .gw
+                .state
+                .read_after(&info.user, sync.last_sent, limit)
+                .await?;
+            let mut progressed = false;
+            for m in range.messages.into_iter().take_while(|m| m.seq <= upto) {
+                sync.last_sent = m.seq;
+                self.queue_stored(m, &range.epoch);
+                progressed = true;
+            }
+            if !progressed {
+                break; // trimmed or expired meanwhile: nothing more to send
+            }
+        }
+        Ok(())
+    }
+
+    /// Send the next replay batch; ends with `synced` once nothing is left.
+    async fn replay_next(&mut self, sync: &mut Sync, info: &ConnInfo) -> Result<(), End> {
+        let limit = self.gw.cfg.state.replay_limit.max(1);
+        let range = self
+            .gw
+            .state
+            .read_after(&info.user, sync.last_sent, limit)
+            .await?;
+        if range.epoch != sync.epoch {
+            return Err(End::Kick(CloseCode::Internal, "inbox epoch changed".into()));
+        }
+        if range.trimmed {
+            sync.complete = false;
+        }
+        let n = range.messages.len();
+        for m in range.messages {
+            sync.last_sent = m.seq;
+            sync.replayed += 1;
+            self.queue_stored(m, &range.epoch);
+        }
+        if n >= limit && sync.last_sent < range.head_seq {
+            sync.awaiting_ack = Some(sync.last_sent);
+            return Ok(());
+        }
+        sync.awaiting_ack = None;
+        sync.live = true;
+        self.queue(ServerFrame::Synced {
+            epoch: sync.epoch.clone(),
+            seq: sync.last_sent,
+            replayed: sync.replayed,
+            complete: sync.complete,
+        });
+        if sync.max_live_seen > sync.last_sent {
+            let upto = sync.max_live_seen;
+            self.fill_gap(sync, info, upto).await?;
+        }
+        Ok(())
+    }
+
+    fn queue_stored(&mut self, m: crate::state::StoredMessage, epoch: &str) {
+        let push = crate::protocol::Push {
+            id: m.id,
+            from: (!m.from.is_empty()).then_some(m.from),
+            kind: (!m.kind.is_empty()).then_some(m.kind),
+            body: m.body,
+            ts: m.ts_ms,
+            seq: Some(m.seq),
+            epoch: Some(epoch.to_string()),
+        };
+        self.queue(ServerFrame::Push(push));
+    }
+
+    fn queue_push(&mut self, item: &PushItem) {
+        self.out.push(item.encoded(self.codec));
+        self.out_types.push("push");
+        self.out_pushes.push(item.accepted);
+    }
+
+    // ---- inbound ------------------------------------------------------------------------
+
+    /// Liveness, size/kind checks and the rate limit; the frame bytes when there is one to decode.
+    fn inbound_frame(&mut self, inbound: Option<Inbound>) -> Result<Option<Bytes>, End> {
+        let now = Instant::now();
+        self.last_inbound = now;
+        let t = self.transport.as_str();
+        let data = match inbound {
+            None => return Err(End::Gone(true)),
+            Some(Inbound::Alive) => return Ok(None),
+            Some(Inbound::Text(d)) if self.codec == Codec::Json => d,
+            Some(Inbound::Binary(d)) if self.codec == Codec::Proto => d,
+            Some(Inbound::Frame(d)) => d,
+            Some(_) => {
+                return Err(End::Kick(
+                    CloseCode::ProtocolError,
+                    format!(
+                        "the {} codec takes {} messages",
+                        self.codec.as_str(),
+                        match self.codec {
+                            Codec::Json => "text",
+                            Codec::Proto => "binary",
+                        }
+                    ),
+                ))
+            }
+        };
+        metrics::bytes_received(t, data.len() as u64);
+        match self.rate.check(now) {
+            Verdict::Allow => Ok(Some(data)),
+            Verdict::Warn => {
+                metrics::rate_limited(t);
+                self.queue(ServerFrame::Error {
+                    code: "rate_limited".into(),
+                    message: format!(
+                        "more than {} frames per second",
+                        self.gw.cfg.limits.rate_per_sec
+                    ),
+                    id: None,
+                });
+                Ok(None)
+            }
+            Verdict::Drop => {
+                metrics::frame_dropped(t, "rate_limited");
+                Ok(None)
+            }
+            Verdict::Close => Err(End::kick(CloseCode::RateLimited)),
+        }
+    }
+
+    async fn on_inbound(
+        &mut self,
+        inbound: Option<Inbound>,
+        sync: &mut Sync,
+        info: &ConnInfo,
+        identity: &Identity,
+        sender: &Sender,
+    ) -> Result<(), End> {
+        let Some(data) = self.inbound_frame(inbound)? else {
+            return Ok(());
+        };
+        let frame = match self.codec.decode(&data) {
+            Ok(f) => f,
+            Err(DecodeError::Malformed(m)) => return Err(End::Kick(CloseCode::ProtocolError, m)),
+            Err(DecodeError::UnknownType(ty)) => {
+                self.count_received("unknown");
+                self.queue(ServerFrame::Error {
+                    code: "unknown_type".into(),
+                    message: format!("unknown frame type {ty:?}"),
+                    id: None,
+                });
+                return Ok(());
+            }
+            Err(DecodeError::BadSend { id, message }) => {
+                self.count_received("send");
+                self.queue(ServerFrame::Reply(Reply::err(id, "bad_request", message)));
+                return Ok(());
+            }
+        };
+        self.count_received(frame.type_name());
+        match frame {
+            ClientFrame::Ping { id } => self.queue(ServerFrame::Pong {
+                id,
+                ts: crate::now_ms(),
+            }),
+            ClientFrame::Send(send) => {
+                let reply = self.gw.upstream.handle(sender, send).await;
+                self.queue(ServerFrame::Reply(reply));
+            }
+            ClientFrame::Ack { seq, epoch } => {
+                if epoch == sync.epoch {
+                    if let Err(e) = self
+                        .gw
+                        .state
+                        .ack(&info.user, &info.device, &epoch, seq)
+                        .await
+                    {
+                        debug!(error = %e, "ack not recorded");
+                    }
+                    if sync.awaiting_ack.is_some_and(|upto| seq >= upto) {
+                        self.replay_next(sync, info).await?;
+                    }
+                }
+            }
+            ClientFrame::Auth { token, .. } => self.reauth(&token, identity).await,
+        }
+        Ok(())
+    }
+
+    /// Refresh in place: same user, new expiry. A failure is reported and the session lives
+    /// on until the old token expires.
+    async fn reauth(&mut self, token: &str, identity: &Identity) {
+        match self.gw.auth.authenticate(token).await {
+            Ok(new) if new.user == identity.user => {
+                self.arm_expiry(new.expires_at_ms);
+                self.queue(ServerFrame::Reauth {
+                    token_expires_at_ms: new.expires_at_ms,
+                });
+            }
+            Ok(_) => self.queue(ServerFrame::Error {
+                code: "reauth_failed".into(),
+                message: "the new token is for another user".into(),
+                id: None,
+            }),
+            Err(e) => self.queue(ServerFrame::Error {
+                code: "reauth_failed".into(),
+                message: e.to_string(),
+                id: None,
+            }),
+        }
+    }
+
+    async fn on_heartbeat(&mut self) -> Result<(), End> {
+        if self.last_inbound.elapsed() >= self.gw.cfg.sessions.idle_timeout {
+            return Err(End::Kick(
+                CloseCode::Timeout,
+                "no traffic from the client".into(),
+            ));
+        }
+        self.session.ping().await.map_err(End::from)
+    }
+
+    // ---- output -------------------------------------------------------------------------
+
+    fn arm_expiry(&mut self, expires_at_ms: i64) {
+        let left = (expires_at_ms - crate::now_ms()).max(0) as u64;
+        self.expiry
+            .as_mut()
+            .reset(Instant::now() + Duration::from_millis(left));
+    }
+
+    fn count_received(&self, ty: &'static str) {
+        metrics::frame_received(self.transport.as_str(), ty);
+    }
+
+    fn queue(&mut self, frame: ServerFrame) {
+        self.out_types.push(frame.type_name());
+        self.out.push(self.codec.encode(&frame));
+    }
+
+    /// Write everything queued in one batch, bounded in time: a client that cannot take a
+    /// write within the idle timeout is treated as gone.
+    async fn flush(&mut self) -> Result<(), End> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let limit = self.gw.cfg.sessions.idle_timeout;
+        let write = tokio::time::timeout(limit, self.session.send(&self.out));
+        let written = match &self.control {
+            // A write blocked on a client that does not read must not hide a close request
+            // (a 4100 from a full queue, a kick, the drain).
+            Some(control) => tokio::select! {
+                r = write => r,
+                (code, reason) = control.requested() => {
+                    // What was not handed to the socket is dropped: a slow consumer is made
+                    // whole by replay, and a partly written frame completes before the kick.
+                    self.out.clear();
+                    self.out_types.clear();
+                    self.out_pushes.clear();
+                    return Err(End::Kick(code, reason));
+                }
+            },
+            None => write.await,
+        };
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(End::from(e)),
+            Err(_) => return Err(End::Gone(false)),
+        }
+        let t = self.transport.as_str();
+        metrics::bytes_sent(t, self.out.iter().map(|b| b.len() as u64).sum());
+        for ty in self.out_types.drain(..) {
+            metrics::frames_sent(t, ty, 1);
+        }
+        for accepted in self.out_pushes.drain(..) {
+            metrics::push_delivery(accepted.elapsed().as_secs_f64());
+        }
+        self.out.clear();
+        Ok(())
+    }
+
+    /// Send the kick when one is due, close, and say which code for metrics.
+    async fn finish(mut self, end: End) -> &'static str {
+        self.control = None;
+        match end {
+            End::Kick(code, reason) => {
+                self.queue(ServerFrame::Kick {
+                    code: code.code(),
+                    reason: reason.clone(),
+                });
+                if let Ok(Ok(())) = tokio::time::timeout(FINAL_WRITE, self.flush()).await {
+                    self.session.close(code.code(), &reason).await;
+                }
+                code.as_str()
+            }
+            End::Gone(true) => "1000",
+            End::Gone(false) => "1006",
+        }
+    }
+}
+
+fn auth_end(e: AuthError) -> End {
+    End::Kick(e.close_code(), e.to_string())
+}
+
+/// Removes the connection from the hub however the task ends.
+struct Registered {
+    gw: Arc<Gateway>,
+    info: Arc<ConnInfo>,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.gw.hub.unregister(&self.info);
+    }
+}

@@ -1,0 +1,314 @@
+//! The public HTTP(S) listener: `GET /ws` (WebSocket upgrade), `GET /cert-hash`,
+//! `GET /dev/token` (dev profile), `GET /`. Each TCP connection gets its own task, so a slow
+//! handshake never blocks the accept loop; TLS and HTTP headers must arrive within
+//! `limits.handshake_timeout`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tracing::debug;
+
+use crate::auth::handshake::{self, HandshakeError, TokenSource};
+use crate::config::Profile;
+use crate::gateway::Gateway;
+use crate::ops::metrics;
+use crate::ops::server::respond;
+use crate::protocol::Codec;
+use crate::session::{self, Admission};
+use crate::transport::ws::WsSession;
+use crate::transport::Transport;
+
+type Body = Full<Bytes>;
+
+/// Accept connections until the drain begins.
+pub async fn serve(
+    gw: Arc<Gateway>,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    transport: Transport,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = gw.shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    debug!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let gw = gw.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let limit = gw.cfg.limits.handshake_timeout;
+            match tls {
+                None => serve_conn(gw, stream, peer, transport).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+                        Ok(Ok(tls_stream)) => serve_conn(gw, tls_stream, peer, transport).await,
+                        Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
+                        Err(_) => metrics::rejected("handshake_timeout"),
+                    }
+                }
+            }
+        });
+    }
+}
+
+async fn serve_conn<I>(gw: Arc<Gateway>, io: I, peer: SocketAddr, transport: Transport)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limit = gw.cfg.limits.handshake_timeout;
+    let svc = service_fn(move |req| {
+        let gw = gw.clone();
+        async move { Ok::<_, Infallible>(route(gw, req, peer, transport).await) }
+    });
+    let result = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limit)
+        .max_buf_size(64 * 1024)
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades()
+        .await;
+    if let Err(e) = result {
+        if e.is_timeout() {
+            metrics::rejected("handshake_timeout");
+        } else {
+            debug!(error = %e, "http connection error");
+        }
+    }
+}
+
+async fn route(
+    gw: Arc<Gateway>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    transport: Transport,
+) -> Response<Body> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return plain(StatusCode::METHOD_NOT_ALLOWED, "only GET here\n");
+    }
+    match req.uri().path() {
+        "/ws" => upgrade(gw, req, peer, transport).await,
+        "/cert-hash" => match &gw.certs {
+            Some(certs) => json(StatusCode::OK, certs.cert_hash_json().to_string()),
+            None => plain(StatusCode::NOT_FOUND, "no certificate is served\n"),
+        },
+        "/dev/token" if gw.cfg.profile == Profile::Dev => dev_token(&gw, &req),
+        "/" => respond(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            INDEX.to_string(),
+        ),
+        _ => plain(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+const INDEX: &str = "<!doctype html><meta charset=utf-8><title>imgate</title>\
+<p>imgate is running. Connect a WebSocket client to <code>/ws</code>; see the README for a tour.</p>";
+
+fn plain(status: StatusCode, body: &'static str) -> Response<Body> {
+    respond(status, "text/plain; charset=utf-8", body.to_string())
+}
+
+fn json(status: StatusCode, body: String) -> Response<Body> {
+    let mut r = respond(status, "application/json", body);
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // The demo page and browser clients fetch this across origins (http page, https API).
+    r.headers_mut().insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    r
+}
+
+/// `GET /dev/token?user=U&device=D&platform=P` (dev profile only).
+fn dev_token(gw: &Gateway, req: &Request<Incoming>) -> Response<Body> {
+    let mut user = None;
+    let mut device = None;
+    let mut platform = None;
+    for (k, v) in form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()) {
+        match &*k {
+            "user" => user = Some(v.into_owned()),
+            "device" => device = Some(v.into_owned()),
+            "platform" => platform = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    let Some(user) = user.filter(|u| crate::protocol::valid_id(u)) else {
+        return plain(
+            StatusCode::BAD_REQUEST,
+            "user must be 1-128 chars of A-Z a-z 0-9 . _ : @ -\n",
+        );
+    };
+    if device
+        .as_deref()
+        .is_some_and(|d| !crate::protocol::valid_id(d))
+    {
+        return plain(StatusCode::BAD_REQUEST, "bad device id\n");
+    }
+    let secret = gw.cfg.jwt_secret().unwrap_or_default();
+    match crate::auth::jwt::issue_hs256(
+        &secret,
+        &user,
+        device.as_deref(),
+        platform.as_deref(),
+        Duration::from_secs(3600),
+    ) {
+        Ok(token) => json(
+            StatusCode::OK,
+            serde_json::json!({ "token": token }).to_string(),
+        ),
+        Err(e) => {
+            debug!(error = %e, "dev token");
+            plain(StatusCode::INTERNAL_SERVER_ERROR, "cannot issue a token\n")
+        }
+    }
+}
+
+fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+fn reject(reason: &'static str, status: StatusCode, body: &'static str) -> Response<Body> {
+    metrics::rejected(reason);
+    plain(status, body)
+}
+
+/// Validate, authenticate (a token in the handshake), admit, then upgrade.
+async fn upgrade(
+    gw: Arc<Gateway>,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    transport: Transport,
+) -> Response<Body> {
+    if gw.is_draining() {
+        return reject("draining", StatusCode::SERVICE_UNAVAILABLE, "draining\n");
+    }
+    let headers = req.headers();
+    let key = match headers.get(header::SEC_WEBSOCKET_KEY) {
+        Some(k)
+            if has_token(headers, header::CONNECTION, "upgrade")
+                && has_token(headers, header::UPGRADE, "websocket")
+                && headers
+                    .get(header::SEC_WEBSOCKET_VERSION)
+                    .map(|v| v.as_bytes())
+                    == Some(b"13") =>
+        {
+            k.clone()
+        }
+        _ => {
+            return reject(
+                "bad_request",
+                StatusCode::BAD_REQUEST,
+                "expected a WebSocket upgrade (version 13)\n",
+            )
+        }
+    };
+    let origin = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok());
+    if !gw.origins.allows(origin) {
+        return reject("origin", StatusCode::FORBIDDEN, "origin not allowed\n");
+    }
+    let ip = handshake::client_ip(peer.ip(), headers, &gw.trusted);
+    let mut params = match handshake::parse(headers, req.uri().query()) {
+        Ok(p) => p,
+        Err(HandshakeError::BadAuthorization) => {
+            return reject(
+                "unauthorized",
+                StatusCode::UNAUTHORIZED,
+                "bad Authorization header\n",
+            )
+        }
+        Err(HandshakeError::BadRequest(m)) => {
+            metrics::rejected("bad_request");
+            return respond(
+                StatusCode::BAD_REQUEST,
+                "text/plain; charset=utf-8",
+                format!("{m}\n"),
+            );
+        }
+    };
+    let token = params.token.take();
+    let permits = match gw.limits.admit(ip, token.is_none()) {
+        Ok(p) => p,
+        Err(r) => {
+            let status = match r {
+                crate::gateway::Rejection::IpLimit => StatusCode::TOO_MANY_REQUESTS,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            metrics::rejected(r.reason());
+            return plain(status, "too many connections\n");
+        }
+    };
+    let handshake_auth = match token {
+        None => None,
+        Some((token, source)) => {
+            let result = gw.auth.authenticate(&token).await;
+            // Non-browser clients can read a refused handshake: they get 401. Browsers
+            // cannot, so a subprotocol or query token is refused with `kick` after the upgrade.
+            if source == TokenSource::Header && result.is_err() {
+                return reject("unauthorized", StatusCode::UNAUTHORIZED, "invalid token\n");
+            }
+            Some(result)
+        }
+    };
+
+    let mut resp = Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(
+            header::SEC_WEBSOCKET_ACCEPT,
+            derive_accept_key(key.as_bytes()),
+        );
+    if let Some(proto) = params.subprotocol {
+        resp = resp.header(header::SEC_WEBSOCKET_PROTOCOL, proto);
+    }
+    let resp = resp.body(Body::default()).expect("valid upgrade response");
+
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let text = params.codec == Codec::Json;
+    let max_frame = gw.cfg.limits.max_frame;
+    let adm = Admission {
+        params,
+        ip,
+        handshake_auth,
+        permits,
+    };
+    let tracker = gw.sessions.clone();
+    tracker.spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let ws =
+                    WsSession::from_upgraded(TokioIo::new(upgraded), transport, text, max_frame)
+                        .await;
+                session::run(gw, ws, adm).await;
+            }
+            Err(e) => debug!(error = %e, "upgrade failed"),
+        }
+    });
+    resp
+}

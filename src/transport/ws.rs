@@ -1,0 +1,124 @@
+//! WebSocket sessions (plain and TLS), on a stream hyper has already upgraded.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tokio_tungstenite::WebSocketStream;
+
+use super::{Inbound, Session, SessionError, Transport};
+
+/// How long a close waits for the client's close frame before dropping the socket.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// Small buffers: tungstenite's 128 KiB defaults cost ~90 KB per idle connection. Reads
+/// grow the buffer only while a large frame is in flight.
+pub fn config(max_frame: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(8 * 1024)
+        .max_write_buffer_size(max_frame.max(64 * 1024) * 4)
+        .max_message_size(Some(max_frame))
+        .max_frame_size(Some(max_frame))
+}
+
+pub struct WsSession<S> {
+    ws: WebSocketStream<S>,
+    transport: Transport,
+    /// The json codec speaks text messages, proto binary ones.
+    text: bool,
+}
+
+impl<S> WsSession<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    /// Wrap an upgraded stream (the HTTP handshake is done).
+    pub async fn from_upgraded(io: S, transport: Transport, text: bool, max_frame: usize) -> Self {
+        let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config(max_frame))).await;
+        WsSession {
+            ws,
+            transport,
+            text,
+        }
+    }
+
+    fn message(&self, frame: &Bytes) -> Result<Message, SessionError> {
+        if self.text {
+            Utf8Bytes::try_from(frame.clone())
+                .map(Message::Text)
+                .map_err(|_| SessionError::Protocol("outbound text frame is not UTF-8".into()))
+        } else {
+            Ok(Message::Binary(frame.clone()))
+        }
+    }
+}
+
+fn map_err(e: WsError) -> SessionError {
+    match e {
+        WsError::Capacity(_) => SessionError::TooLarge,
+        WsError::Protocol(p) => SessionError::Protocol(p.to_string()),
+        WsError::Utf8(_) => SessionError::Protocol("invalid UTF-8 in a text message".into()),
+        other => SessionError::Io(other.to_string()),
+    }
+}
+
+impl<S> Session for WsSession<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    fn transport(&self) -> Transport {
+        self.transport
+    }
+
+    async fn recv(&mut self) -> Result<Option<Inbound>, SessionError> {
+        loop {
+            // `StreamExt::next` is cancel-safe: a partly read frame stays in the buffer.
+            return match self.ws.next().await {
+                None => Ok(None),
+                Some(Ok(Message::Text(t))) => Ok(Some(Inbound::Text(Bytes::from(t)))),
+                Some(Ok(Message::Binary(b))) => Ok(Some(Inbound::Binary(b))),
+                // tungstenite queues the pong itself; it is flushed with the next write.
+                Some(Ok(Message::Ping(_))) | Some(Ok(Message::Pong(_))) => Ok(Some(Inbound::Alive)),
+                Some(Ok(Message::Close(_))) => Ok(None),
+                Some(Ok(Message::Frame(_))) => continue,
+                Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => Ok(None),
+                Some(Err(e)) => Err(map_err(e)),
+            };
+        }
+    }
+
+    async fn send(&mut self, frames: &[Bytes]) -> Result<(), SessionError> {
+        for frame in frames {
+            let msg = self.message(frame)?;
+            self.ws.feed(msg).await.map_err(map_err)?;
+        }
+        self.ws.flush().await.map_err(map_err)
+    }
+
+    async fn ping(&mut self) -> Result<(), SessionError> {
+        self.ws
+            .send(Message::Ping(Bytes::new()))
+            .await
+            .map_err(map_err)
+    }
+
+    async fn close(mut self, code: u16, reason: &str) {
+        let frame = CloseFrame {
+            code: WsCloseCode::from(code),
+            reason: reason.into(),
+        };
+        if self.ws.close(Some(frame)).await.is_err() {
+            return;
+        }
+        // Let the client answer the close handshake so it sees a clean close, bounded.
+        let _ = tokio::time::timeout(CLOSE_WAIT, async {
+            while let Some(Ok(_)) = self.ws.next().await {}
+        })
+        .await;
+    }
+}

@@ -1,0 +1,9 @@
+//! Behaviour tests against an in-process gateway with real clients over loopback.
+
+mod auth;
+mod codec;
+mod common;
+mod delivery;
+mod limits;
+mod ops;
+mod policy;

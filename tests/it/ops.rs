@@ -1,0 +1,155 @@
+//! Ops: metrics, health, readiness, graceful drain, cert-hash, dev token.
+
+use std::time::Duration;
+
+use crate::common::{metric, Kind, TestGateway, WAIT};
+
+const SPEC_METRICS: &[&str] = &[
+    "imgate_connections",
+    "imgate_connections_opened_total",
+    "imgate_connections_closed_total",
+    "imgate_auth_total",
+    "imgate_frames_received_total",
+    "imgate_frames_sent_total",
+    "imgate_bytes_received_total",
+    "imgate_bytes_sent_total",
+    "imgate_push_requests_total",
+    "imgate_push_delivery_seconds",
+    "imgate_upstream_seconds",
+    "imgate_token_cache_total",
+    "imgate_state_seconds",
+    "imgate_state_errors_total",
+    "imgate_state_up",
+    "imgate_cluster_messages_total",
+    "imgate_instances",
+    "imgate_build_info",
+];
+
+#[tokio::test]
+async fn metrics_exposition_has_every_spec_name() {
+    let gw = TestGateway::start().await;
+    let mut c = gw.login(Kind::Ws, "m", "d").await;
+    c.ping("1").await;
+    let (status, text) = gw.http_get(gw.ops, "/metrics").await;
+    assert_eq!(status, 200);
+    for name in SPEC_METRICS {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("# TYPE {name} "))),
+            "{name} missing from /metrics"
+        );
+    }
+    assert!(metric(&text, "imgate_connections", &[("transport", "ws")]) >= 1.0);
+    assert!(
+        metric(
+            &text,
+            "imgate_frames_received_total",
+            &[("transport", "ws"), ("type", "ping")]
+        ) >= 1.0
+    );
+    assert!(metric(&text, "imgate_auth_total", &[("result", "ok")]) >= 1.0);
+    // No user, device or message ids in labels.
+    assert!(!text.contains("\"m\""));
+}
+
+#[tokio::test]
+async fn health_and_readiness() {
+    let gw = TestGateway::start().await;
+    let (s, body) = gw.http_get(gw.ops, "/healthz").await;
+    assert_eq!(s, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["state"]["up"], true);
+    assert_eq!(gw.http_get(gw.ops, "/readyz").await.0, 200);
+}
+
+#[tokio::test]
+async fn drain_kicks_everyone_4101_and_exits() {
+    let mut gw = TestGateway::with(|c| c.shutdown.drain_window = Duration::from_millis(500)).await;
+    let mut clients = Vec::new();
+    for (i, kind) in [Kind::Ws, Kind::Wss, Kind::Ws].into_iter().enumerate() {
+        clients.push(gw.login(kind, &format!("u{i}"), "d").await);
+    }
+    let ops = gw.ops;
+    let running = gw.running.take().unwrap();
+    let drain = tokio::spawn(running.drain());
+    // Not ready while draining.
+    let (status, _) = tokio::time::timeout(WAIT, async {
+        loop {
+            let r = crate::common::http_get(ops, "/readyz").await;
+            if r.0 == 503 {
+                break r;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("readyz turns 503");
+    assert_eq!(status, 503);
+    for c in &mut clients {
+        c.expect_kick(4101).await;
+    }
+    tokio::time::timeout(WAIT, drain)
+        .await
+        .expect("drain ends")
+        .unwrap();
+    // New connections are refused once the listeners stopped.
+    assert!(
+        tokio::net::TcpStream::connect(gw.http).await.is_err()
+            || gw.connect(Kind::Ws, "", &[]).await.is_err()
+    );
+}
+
+#[tokio::test]
+async fn cert_hash_and_dev_token() {
+    let gw = TestGateway::start().await;
+    let (s, body) = gw.http_get(gw.http, "/cert-hash").await;
+    assert_eq!(s, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let hex: String = gw
+        .cert_sha256
+        .unwrap()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(v["sha256_hex"], hex);
+    assert!(v["hashes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|h| h["sha256_hex"] == hex));
+    assert!(v["expires_at_ms"].as_i64().unwrap() > imgate::now_ms());
+
+    let (s, body) = gw.http_get(gw.http, "/dev/token?user=zed&device=d9").await;
+    assert_eq!(s, 200);
+    let t = serde_json::from_str::<serde_json::Value>(&body).unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut c = gw
+        .connect(Kind::Ws, &format!("token={t}"), &[])
+        .await
+        .unwrap();
+    let w = c.expect("welcome").await;
+    assert_eq!(
+        (w["user"].as_str(), w["device"].as_str()),
+        (Some("zed"), Some("d9"))
+    );
+    assert_eq!(
+        gw.http_get(gw.http, "/dev/token?user=bad%20id").await.0,
+        400
+    );
+}
+
+#[tokio::test]
+async fn dev_token_is_404_in_prod() {
+    // A prod profile without TLS listeners (terminated upstream) and with real secrets.
+    let gw = TestGateway::with(|c| {
+        c.profile = imgate::config::Profile::Prod;
+        c.auth.jwt_secret = "a-real-secret-of-enough-length-0123456789".into();
+        c.grpc.api_keys = vec!["k".into()];
+        c.tls.terminated_upstream = true;
+        c.listen.https = String::new();
+    })
+    .await;
+    assert_eq!(gw.http_get(gw.http, "/dev/token?user=a").await.0, 404);
+}
