@@ -25,6 +25,8 @@ struct Opts {
     secs: u64,
     tls: bool,
     gateway: String,
+    /// An already running gateway (e.g. under a profiler) instead of starting one.
+    pid: Option<u32>,
 }
 
 fn opts() -> Opts {
@@ -35,6 +37,7 @@ fn opts() -> Opts {
         secs: 10,
         tls: false,
         gateway: "target/release/imgate".into(),
+        pid: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -45,6 +48,7 @@ fn opts() -> Opts {
             "--secs" => o.secs = v().parse().unwrap(),
             "--tls" => o.tls = true,
             "--gateway" => o.gateway = v(),
+            "--pid" => o.pid = Some(v().parse().unwrap()),
             m if o.mode.is_empty() => o.mode = m.to_string(),
             other => panic!("unknown argument {other}"),
         }
@@ -150,8 +154,12 @@ async fn pin() -> Option<[u8; 32]> {
 async fn main() {
     imgate::tls::install_crypto_provider();
     let o = opts();
-    let mut child = start_gateway(&o);
-    let pid = child.id();
+    let mut child = if o.pid.is_none() {
+        Some(start_gateway(&o))
+    } else {
+        None
+    };
+    let pid = o.pid.or(child.as_ref().map(|c| c.id())).unwrap();
     let t0 = Instant::now();
     while http_get(OPS, "/readyz")
         .await
@@ -169,8 +177,10 @@ async fn main() {
         "chat" => chat(&o, pin).await,
         m => eprintln!("unknown mode {m:?}: idle | chat"),
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    if let Some(mut child) = child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }
 
 async fn idle(o: &Opts, pid: u32, pin: Option<[u8; 32]>) {

@@ -224,6 +224,10 @@ fn show(v: &Value, held: &mut Held) -> Option<u16> {
                 v["body"].clone()
             };
             let text = body.get("text").cloned().unwrap_or(body);
+            let text = text
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| text.to_string());
             println!(
                 "[{}] {}: {}",
                 v["seq"]

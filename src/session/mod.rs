@@ -69,20 +69,29 @@ impl From<StateError> for End {
 }
 
 /// Run a session to its end.
-pub async fn run<S: Session>(gw: Arc<Gateway>, session: S, adm: Admission) {
+///
+/// Built so that the connection's state lives once in the task: the returned future owns
+/// `Conn` and `Admission`, and everything below borrows them (a by-value `self` at each
+/// level would store a copy per level, and the task is most of an idle connection's memory).
+pub fn run<S: Session>(
+    gw: Arc<Gateway>,
+    session: S,
+    adm: Admission,
+) -> impl std::future::Future<Output = ()> + Send {
     let transport = session.transport();
     let span = tracing::debug_span!("conn", transport = transport.as_str(), ip = %adm.ip, user = tracing::field::Empty);
+    let mut conn = Conn::new(gw, session, &adm);
+    let mut adm = adm;
     async move {
         let t = transport.as_str();
         metrics::connection_opened(t);
         metrics::connections_delta(t, 1);
-        let code = Conn::new(gw, session, &adm).run(adm).await;
+        let code = conn.run(&mut adm).await;
         metrics::connections_delta(t, -1);
         metrics::connection_closed(t, code);
         debug!(code, "connection closed");
     }
     .instrument(span)
-    .await
 }
 
 struct Conn<S> {
@@ -137,17 +146,18 @@ impl<S: Session> Conn<S> {
     }
 
     /// The whole life of the connection; returns the close code label for metrics.
-    async fn run(mut self, mut adm: Admission) -> &'static str {
-        let end = match self.authenticate(&mut adm).await {
+    async fn run(&mut self, adm: &mut Admission) -> &'static str {
+        // Rarely taken paths are boxed so they do not inflate the per-connection task.
+        let end = match Box::pin(self.authenticate(adm)).await {
             Ok((identity, since)) => {
                 // Authenticated: no longer counts against `max_unauthenticated`.
                 adm.permits.authenticated();
-                self.serve(identity, since.or(adm.params.since.take()), &adm)
-                    .await
+                let since = since.or(adm.params.since.take());
+                self.serve(identity, since, adm).await
             }
             Err(end) => end,
         };
-        self.finish(end).await
+        Box::pin(self.finish(end)).await
     }
 
     // ---- authentication ---------------------------------------------------------------
@@ -242,7 +252,7 @@ impl<S: Session> Conn<S> {
         }
         self.arm_expiry(identity.expires_at_ms);
 
-        let mut sync = match self.welcome(&info, &identity, since.as_deref()).await {
+        let mut sync = match Box::pin(self.welcome(&info, &identity, since.as_deref())).await {
             Ok(sync) => sync,
             Err(end) => return end,
         };
@@ -253,7 +263,7 @@ impl<S: Session> Conn<S> {
             session: info.session.clone(),
         };
         let batch = gw.cfg.sessions.write_batch.max(1);
-        let mut items: Vec<Arc<PushItem>> = Vec::with_capacity(batch);
+        let mut items: Vec<Arc<PushItem>> = Vec::new();
 
         let end = loop {
             if let Err(end) = self.flush().await {
@@ -266,7 +276,10 @@ impl<S: Session> Conn<S> {
                     if n == 0 {
                         Err(End::kick(CloseCode::Internal))
                     } else {
-                        self.on_pushes(&mut sync, &info, &mut items).await
+                        let r = self.on_pushes(&mut sync, &info, &mut items).await;
+                        // Idle connections keep no batch buffer.
+                        items = Vec::new();
+                        r
                     }
                 }
                 r = self.session.recv() => match r {
@@ -347,7 +360,7 @@ impl<S: Session> Conn<S> {
                         continue;
                     }
                     if seq > sync.last_sent + 1 {
-                        self.fill_gap(sync, info, seq - 1).await?;
+                        Box::pin(self.fill_gap(sync, info, seq - 1)).await?;
                     }
                     self.queue_push(&item);
                     sync.last_sent = seq;
@@ -414,7 +427,7 @@ impl<S: Session> Conn<S> {
         });
         if sync.max_live_seen > sync.last_sent {
             let upto = sync.max_live_seen;
-            self.fill_gap(sync, info, upto).await?;
+            Box::pin(self.fill_gap(sync, info, upto)).await?;
         }
         Ok(())
     }
@@ -524,7 +537,7 @@ impl<S: Session> Conn<S> {
                 ts: crate::now_ms(),
             }),
             ClientFrame::Send(send) => {
-                let reply = self.gw.upstream.handle(sender, send).await;
+                let reply = Box::pin(self.gw.upstream.handle(sender, send)).await;
                 self.queue(ServerFrame::Reply(reply));
             }
             ClientFrame::Ack { seq, epoch } => {
@@ -538,11 +551,11 @@ impl<S: Session> Conn<S> {
                         debug!(error = %e, "ack not recorded");
                     }
                     if sync.awaiting_ack.is_some_and(|upto| seq >= upto) {
-                        self.replay_next(sync, info).await?;
+                        Box::pin(self.replay_next(sync, info)).await?;
                     }
                 }
             }
-            ClientFrame::Auth { token, .. } => self.reauth(&token, identity).await,
+            ClientFrame::Auth { token, .. } => Box::pin(self.reauth(&token, identity)).await,
         }
         Ok(())
     }
@@ -640,7 +653,7 @@ impl<S: Session> Conn<S> {
     }
 
     /// Send the kick when one is due, close, and say which code for metrics.
-    async fn finish(mut self, end: End) -> &'static str {
+    async fn finish(&mut self, end: End) -> &'static str {
         self.control = None;
         match end {
             End::Kick(code, reason) => {

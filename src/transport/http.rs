@@ -292,20 +292,20 @@ async fn upgrade(
     let on_upgrade = hyper::upgrade::on(&mut req);
     let text = params.codec == Codec::Json;
     let max_frame = gw.cfg.limits.max_frame;
-    let adm = Admission {
+    // Boxed until the upgrade completes, so the waiting task stays small.
+    let adm = Box::new(Admission {
         params,
         ip,
         handshake_auth,
         permits,
-    };
-    let tracker = gw.sessions.clone();
-    tracker.spawn(async move {
+    });
+    gw.sessions.clone().spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
                 let ws =
                     WsSession::from_upgraded(TokioIo::new(upgraded), transport, text, max_frame)
                         .await;
-                session::run(gw, ws, adm).await;
+                session::run(gw, ws, *adm).await;
             }
             Err(e) => debug!(error = %e, "upgrade failed"),
         }

@@ -76,5 +76,5 @@ pub trait Session: Send + 'static {
 
     /// Close with a SPEC §4 code. The `kick` frame, when one is due, was sent before. Waits a
     /// bounded time for the peer's side of the close handshake.
-    fn close(self, code: u16, reason: &str) -> impl Future<Output = ()> + Send;
+    fn close(&mut self, code: u16, reason: &str) -> impl Future<Output = ()> + Send;
 }

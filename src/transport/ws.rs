@@ -19,7 +19,7 @@ const CLOSE_WAIT: Duration = Duration::from_secs(1);
 /// grow the buffer only while a large frame is in flight.
 pub fn config(max_frame: usize) -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(1024)
         .write_buffer_size(8 * 1024)
         .max_write_buffer_size(max_frame.max(64 * 1024) * 4)
         .max_message_size(Some(max_frame))
@@ -107,7 +107,7 @@ where
             .map_err(map_err)
     }
 
-    async fn close(mut self, code: u16, reason: &str) {
+    async fn close(&mut self, code: u16, reason: &str) {
         let frame = CloseFrame {
             code: WsCloseCode::from(code),
             reason: reason.into(),

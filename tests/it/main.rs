@@ -1,6 +1,7 @@
 //! Behaviour tests against an in-process gateway with real clients over loopback.
 
 mod auth;
+mod cli;
 mod codec;
 mod common;
 mod delivery;
