@@ -77,7 +77,7 @@ impl Delivery {
                 },
             )
             .await?;
-        let online = !self.hub.connections(user).is_empty();
+        let online = self.hub.is_online(user);
         let delivered = if stored.duplicate {
             0
         } else {
@@ -111,7 +111,7 @@ impl Delivery {
             seq: 0,
             epoch: String::new(),
             delivered,
-            online: delivered > 0 || !self.hub.connections(user).is_empty(),
+            online: delivered > 0 || self.hub.is_online(user),
             duplicate: false,
         }
     }

@@ -3,7 +3,9 @@
 //! closes that connection with 4100 (it is made whole by replay when it comes back).
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
+
+use foldhash::fast::RandomState;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -139,7 +141,7 @@ impl Hub {
     pub fn new(policy: LoginPolicy, max_per_user: usize) -> Hub {
         Hub {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            hasher: RandomState::new(),
+            hasher: RandomState::default(),
             policy,
             max_per_user,
             by_transport: Default::default(),
@@ -251,6 +253,11 @@ impl Hub {
             t.control.close(code, reason);
         }
         targets.len() as u32
+    }
+
+    /// Whether `user` has a connection on this instance (no allocation: on the push path).
+    pub fn is_online(&self, user: &str) -> bool {
+        self.shard(user).lock().contains_key(user)
     }
 
     /// The connections of `user` on this instance.
