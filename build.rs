@@ -1,5 +1,6 @@
 //! Compiles proto/imgate/v1/*.proto with protox (pure Rust: no protoc needed) and generates
-//! the Rust types with prost. The descriptor set is kept for gRPC reflection.
+//! the messages with prost and the gRPC services with tonic. The descriptor set is kept for
+//! gRPC reflection.
 
 use std::path::PathBuf;
 
@@ -15,6 +16,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("imgate_descriptor.bin"),
         prost::Message::encode_to_vec(&fds),
     )?;
-    prost_build::Config::new().bytes(["."]).compile_fds(fds)?;
+    tonic_prost_build::configure().bytes(".").compile_fds(fds)?;
     Ok(())
 }

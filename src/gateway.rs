@@ -38,6 +38,8 @@ pub struct Gateway {
     pub state: Arc<dyn State>,
     pub delivery: Arc<Delivery>,
     pub upstream: Upstream,
+    /// Presence changes for the business backend (`upstream.mode = "grpc"`).
+    pub status: Option<crate::grpc::business::StatusNotifier>,
     pub certs: Option<Arc<CertStore>>,
     pub limits: Arc<Limits>,
     pub trusted: TrustedProxies,
@@ -101,6 +103,7 @@ impl Gateway {
 pub struct BoundAddrs {
     pub http: Option<SocketAddr>,
     pub https: Option<SocketAddr>,
+    pub grpc: Option<SocketAddr>,
     pub ops: Option<SocketAddr>,
 }
 
@@ -130,7 +133,17 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     metrics::build_info();
 
     let instance_id = cfg.instance_id();
-    let auth = Authenticator::from_config(&cfg.auth, cfg.profile).context("auth")?;
+    let auth = match cfg.auth.mode {
+        crate::config::AuthMode::Jwt => {
+            Authenticator::from_config(&cfg.auth, cfg.profile).context("auth")?
+        }
+        crate::config::AuthMode::Grpc => {
+            let channel =
+                crate::grpc::business::channel(&cfg.auth.endpoint).context("auth.endpoint")?;
+            let verifier = crate::grpc::auth::GrpcVerifier::new(channel, cfg.upstream.timeout);
+            Authenticator::new(Arc::new(verifier), &cfg.auth)
+        }
+    };
     let hub = Arc::new(Hub::new(cfg.sessions.policy, cfg.sessions.max_per_user));
     let memory = match cfg.state.backend {
         StateBackend::Memory => Arc::new(MemoryState::new(&cfg.state)),
@@ -140,10 +153,17 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     };
     let state: Arc<dyn State> = Arc::new(Instrumented::new(memory.clone()));
     let delivery = Arc::new(Delivery::new(hub.clone(), state.clone()));
-    let upstream = match cfg.upstream.mode {
-        crate::config::UpstreamMode::Relay => Upstream::Relay(delivery.clone()),
+    let (upstream, status) = match cfg.upstream.mode {
+        crate::config::UpstreamMode::Relay => (Upstream::Relay(delivery.clone()), None),
         crate::config::UpstreamMode::Grpc => {
-            anyhow::bail!("upstream.mode = \"grpc\" is not available in this build yet")
+            use crate::grpc::business::{channel, BusinessUpstream, StatusNotifier};
+            let channel = channel(&cfg.upstream.endpoint).context("upstream.endpoint")?;
+            let business =
+                BusinessUpstream::new(channel.clone(), cfg.upstream.timeout, instance_id.clone());
+            (
+                Upstream::Grpc(Arc::new(business)),
+                Some(StatusNotifier::spawn(channel)),
+            )
         }
     };
     let certs = if cfg.listen.https.is_empty() && cfg.listen.webtransport.is_empty() {
@@ -171,10 +191,12 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         }
         _ => None,
     };
+    let grpc = bind(&cfg.listen.grpc, "grpc").await?;
     let ops = bind(&cfg.listen.ops, "ops").await?;
     let addrs = BoundAddrs {
         http: http.as_ref().and_then(|l| l.local_addr().ok()),
         https: https.as_ref().and_then(|l| l.local_addr().ok()),
+        grpc: grpc.as_ref().and_then(|l| l.local_addr().ok()),
         ops: ops.as_ref().and_then(|l| l.local_addr().ok()),
     };
 
@@ -186,6 +208,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         state,
         delivery,
         upstream,
+        status,
         certs,
         limits,
         trusted,
@@ -217,6 +240,13 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             Transport::Wss,
         ));
     }
+    if let Some(l) = grpc {
+        background.spawn(crate::grpc::server::serve(
+            gw.clone(),
+            l,
+            stop_background.clone(),
+        ));
+    }
     if let Some(l) = ops {
         background.spawn(crate::ops::server::serve(
             gw.clone(),
@@ -231,7 +261,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     metrics::draining(false);
     info!(
         instance = %gw.instance_id,
-        http = ?addrs.http, https = ?addrs.https, ops = ?addrs.ops,
+        http = ?addrs.http, https = ?addrs.https, grpc = ?addrs.grpc, ops = ?addrs.ops,
         profile = ?gw.cfg.profile,
         "imgate started"
     );

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod gateway;
+pub mod grpc;
 pub mod hub;
 pub mod ops;
 pub mod protocol;

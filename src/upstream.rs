@@ -9,7 +9,7 @@ use crate::delivery::{Delivery, OutMessage};
 use crate::protocol::{Reply, SendFrame};
 
 /// Who sent a frame, as the upstream sees it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Sender {
     pub user: String,
     pub device: String,
@@ -18,7 +18,11 @@ pub struct Sender {
 }
 
 pub enum Upstream {
+    /// Dev default: a `send` is a durable push to its addressee (fast, answered inline).
     Relay(Arc<Delivery>),
+    /// The business backend over gRPC: each connection's sends go through a worker task so
+    /// that a slow backend never holds up that connection's deliveries.
+    Grpc(Arc<crate::grpc::business::BusinessUpstream>),
 }
 
 impl Upstream {
@@ -26,6 +30,7 @@ impl Upstream {
     pub async fn handle(&self, from: &Sender, send: SendFrame) -> Reply {
         match self {
             Upstream::Relay(delivery) => relay(delivery, from, send).await,
+            Upstream::Grpc(business) => business.handle(from, send).await,
         }
     }
 }

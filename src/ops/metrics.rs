@@ -317,6 +317,10 @@ pub fn instances(n: usize) {
     gauge!("imgate_instances").set(n as f64);
 }
 
+pub fn status_change_dropped(n: u64) {
+    counter!("imgate_status_changes_dropped_total").increment(n);
+}
+
 pub fn draining(on: bool) {
     gauge!("imgate_draining").set(if on { 1.0 } else { 0.0 });
 }

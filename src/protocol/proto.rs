@@ -5,10 +5,14 @@ use prost::Message as _;
 
 use super::{ClientFrame, DecodeError, Reply, SendFrame, ServerFrame};
 
-/// Types generated from proto/imgate/v1/*.proto.
+/// Types and gRPC services generated from proto/imgate/v1/*.proto.
 #[allow(clippy::all, missing_docs)]
 pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/imgate.v1.rs"));
+
+    /// The encoded descriptor set, for gRPC reflection.
+    pub const DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/imgate_descriptor.bin"));
 }
 
 use pb::frame::Frame as F;

@@ -22,7 +22,7 @@ use crate::ops::metrics;
 use crate::protocol::{ClientFrame, CloseCode, Codec, DecodeError, Reply, ServerFrame, Welcome};
 use crate::state::StateError;
 use crate::transport::{Inbound, Session, SessionError, Transport};
-use crate::upstream::Sender;
+use crate::upstream::{Sender, Upstream};
 
 use rate::{RateLimiter, Verdict};
 use sync::Sync;
@@ -111,6 +111,43 @@ struct Conn<S> {
     /// Close requests from outside (set once registered), also watched while a write is
     /// blocked on a client that does not read.
     control: Option<Arc<Control>>,
+    /// The business upstream worker of this connection, started by its first `send`.
+    upstream: Option<UpstreamWorker>,
+}
+
+/// Sends in flight to the business backend per connection; more get `upstream_unavailable`.
+const SENDS_IN_FLIGHT: usize = 32;
+
+/// Forwards one connection's sends to the business backend in order, off the connection's
+/// task, and hands the replies back.
+struct UpstreamWorker {
+    sends: mpsc::Sender<crate::protocol::SendFrame>,
+    replies: mpsc::Receiver<Reply>,
+}
+
+impl UpstreamWorker {
+    fn spawn(gw: &Arc<Gateway>, sender: &Sender) -> UpstreamWorker {
+        let (sends, mut rx) = mpsc::channel(SENDS_IN_FLIGHT);
+        let (tx, replies) = mpsc::channel(SENDS_IN_FLIGHT);
+        let (gw, sender) = (gw.clone(), sender.clone());
+        tokio::spawn(async move {
+            while let Some(send) = rx.recv().await {
+                let reply = gw.upstream.handle(&sender, send).await;
+                if tx.send(reply).await.is_err() {
+                    return;
+                }
+            }
+        });
+        UpstreamWorker { sends, replies }
+    }
+}
+
+/// The next reply from the upstream worker; pending forever when there is none.
+async fn next_reply(worker: &mut Option<UpstreamWorker>) -> Option<Reply> {
+    match worker {
+        Some(w) => w.replies.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// How long the final writes (queued frames, `kick`) may take before the socket is dropped.
@@ -140,6 +177,7 @@ impl<S: Session> Conn<S> {
             // Armed for real once a token is accepted.
             expiry: Box::pin(tokio::time::sleep(Duration::from_secs(86400 * 365))),
             control: None,
+            upstream: None,
             session,
             gw,
         }
@@ -182,6 +220,9 @@ impl<S: Session> Conn<S> {
             let Some(data) = self.inbound_frame(inbound)? else {
                 continue;
             };
+            if !self.within_rate()? {
+                continue;
+            }
             match self.codec.decode(&data) {
                 Ok(ClientFrame::Auth { token, since }) => {
                     self.count_received("auth");
@@ -246,6 +287,9 @@ impl<S: Session> Conn<S> {
             gw: gw.clone(),
             info: info.clone(),
         };
+        if let Some(status) = &gw.status {
+            status.notify(crate::grpc::business::change(&info, &gw.instance_id, true));
+        }
         self.control = Some(control.clone());
         if gw.is_draining() {
             return End::kick(CloseCode::Draining);
@@ -286,6 +330,10 @@ impl<S: Session> Conn<S> {
                     Ok(inbound) => self.on_inbound(inbound, &mut sync, &info, &identity, &sender).await,
                     Err(e) => Err(End::from(e)),
                 },
+                Some(reply) = next_reply(&mut self.upstream) => {
+                    self.queue(ServerFrame::Reply(reply));
+                    Ok(())
+                }
                 _ = self.heartbeat.tick() => self.on_heartbeat().await,
                 _ = &mut self.expiry => Err(End::kick(CloseCode::TokenExpired)),
             };
@@ -479,8 +527,14 @@ impl<S: Session> Conn<S> {
             }
         };
         metrics::bytes_received(t, data.len() as u64);
-        match self.rate.check(now) {
-            Verdict::Allow => Ok(Some(data)),
+        Ok(Some(data))
+    }
+
+    /// The inbound rate limit (SPEC §3): whether to handle this frame.
+    fn within_rate(&mut self) -> Result<bool, End> {
+        let t = self.transport.as_str();
+        match self.rate.check(Instant::now()) {
+            Verdict::Allow => Ok(true),
             Verdict::Warn => {
                 metrics::rate_limited(t);
                 self.queue(ServerFrame::Error {
@@ -491,11 +545,11 @@ impl<S: Session> Conn<S> {
                     ),
                     id: None,
                 });
-                Ok(None)
+                Ok(false)
             }
             Verdict::Drop => {
                 metrics::frame_dropped(t, "rate_limited");
-                Ok(None)
+                Ok(false)
             }
             Verdict::Close => Err(End::kick(CloseCode::RateLimited)),
         }
@@ -512,7 +566,14 @@ impl<S: Session> Conn<S> {
         let Some(data) = self.inbound_frame(inbound)? else {
             return Ok(());
         };
-        let frame = match self.codec.decode(&data) {
+        let decoded = self.codec.decode(&data);
+        // An ack that moves this device forward is never rate limited: dropping one would
+        // stall a replay paced by acks. Everything else counts.
+        let useful_ack = matches!(&decoded, Ok(ClientFrame::Ack { seq, .. }) if *seq > sync.acked && *seq <= sync.last_sent);
+        if !useful_ack && !self.within_rate()? {
+            return Ok(());
+        }
+        let frame = match decoded {
             Ok(f) => f,
             Err(DecodeError::Malformed(m)) => return Err(End::Kick(CloseCode::ProtocolError, m)),
             Err(DecodeError::UnknownType(ty)) => {
@@ -536,12 +597,33 @@ impl<S: Session> Conn<S> {
                 id,
                 ts: crate::now_ms(),
             }),
-            ClientFrame::Send(send) => {
-                let reply = Box::pin(self.gw.upstream.handle(sender, send)).await;
-                self.queue(ServerFrame::Reply(reply));
-            }
+            ClientFrame::Send(send) => match &self.gw.upstream {
+                Upstream::Relay(_) => {
+                    let reply = Box::pin(self.gw.upstream.handle(sender, send)).await;
+                    self.queue(ServerFrame::Reply(reply));
+                }
+                Upstream::Grpc(_) => {
+                    let gw = &self.gw;
+                    let worker = self
+                        .upstream
+                        .get_or_insert_with(|| UpstreamWorker::spawn(gw, sender));
+                    if let Err(e) = worker.sends.try_send(send) {
+                        let id = match e {
+                            mpsc::error::TrySendError::Full(s)
+                            | mpsc::error::TrySendError::Closed(s) => s.id,
+                        };
+                        let reply = Reply::err(
+                            id,
+                            "upstream_unavailable",
+                            "too many sends waiting for the backend",
+                        );
+                        self.queue(ServerFrame::Reply(reply));
+                    }
+                }
+            },
             ClientFrame::Ack { seq, epoch } => {
-                if epoch == sync.epoch {
+                if epoch == sync.epoch && seq > sync.acked {
+                    sync.acked = seq.min(sync.last_sent);
                     if let Err(e) = self
                         .gw
                         .state
@@ -685,5 +767,12 @@ struct Registered {
 impl Drop for Registered {
     fn drop(&mut self) {
         self.gw.hub.unregister(&self.info);
+        if let Some(status) = &self.gw.status {
+            status.notify(crate::grpc::business::change(
+                &self.info,
+                &self.gw.instance_id,
+                false,
+            ));
+        }
     }
 }

@@ -17,6 +17,8 @@ pub struct Sync {
     pub complete: bool,
     /// Highest live durable seq that arrived during replay (sent by gap filling after).
     pub max_live_seen: u64,
+    /// Highest seq this device acked in this session (acks at or below it change nothing).
+    pub acked: u64,
 }
 
 impl Sync {
@@ -38,6 +40,7 @@ impl Sync {
             replayed: 0,
             complete,
             max_live_seen: 0,
+            acked: after,
         }
     }
 }

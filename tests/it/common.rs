@@ -26,13 +26,13 @@ pub enum Kind {
     Wss,
 }
 
-/// A config for tests: every listener on an ephemeral loopback port, gRPC and WebTransport off.
+/// A config for tests: every listener on an ephemeral loopback port, WebTransport off.
 pub fn test_config() -> Config {
     let mut cfg = Config::default();
     cfg.listen.http = "127.0.0.1:0".into();
     cfg.listen.https = "127.0.0.1:0".into();
     cfg.listen.ops = "127.0.0.1:0".into();
-    cfg.listen.grpc = String::new();
+    cfg.listen.grpc = "127.0.0.1:0".into();
     cfg.listen.webtransport = String::new();
     cfg.instance.id = "test-1".into();
     cfg.shutdown.drain_window = Duration::from_millis(200);
@@ -44,6 +44,7 @@ pub struct TestGateway {
     pub running: Option<Running>,
     pub http: SocketAddr,
     pub https: Option<SocketAddr>,
+    pub grpc: Option<SocketAddr>,
     pub ops: SocketAddr,
     pub cert_sha256: Option<[u8; 32]>,
 }
@@ -62,6 +63,7 @@ impl TestGateway {
         TestGateway {
             http: running.addrs.http.expect("http bound"),
             https: running.addrs.https,
+            grpc: running.addrs.grpc,
             ops: running.addrs.ops.expect("ops bound"),
             cert_sha256,
             running: Some(running),

@@ -5,6 +5,7 @@ mod cli;
 mod codec;
 mod common;
 mod delivery;
+mod grpc;
 mod limits;
 mod ops;
 mod policy;

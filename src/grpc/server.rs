@@ -1,0 +1,537 @@
+//! The `imgate.v1.Gateway` service on the gRPC listener, with API-key (and optional mTLS)
+//! authentication, gRPC health checking and server reflection.
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::service::Interceptor;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{error, info};
+
+use super::pb::gateway_server::{Gateway as GatewayApi, GatewayServer};
+use super::pb::*;
+use super::{check_id, code_name};
+use crate::delivery::{OutMessage, PushOutcome};
+use crate::gateway::Gateway;
+use crate::ops::metrics;
+use crate::state::StateError;
+
+/// Results a `PushStream` may have produced and not yet sent: a pusher that does not read
+/// its results stops being read, and HTTP/2 flow control slows it down.
+const STREAM_WINDOW: usize = 256;
+/// Fan-outs yield to the scheduler this often, so a huge group does not hog a worker.
+const YIELD_EVERY: usize = 512;
+
+/// Checks `authorization: Bearer <key>` against the configured keys in constant time.
+#[derive(Clone)]
+pub struct ApiKeys {
+    keys: Arc<Vec<Vec<u8>>>,
+}
+
+impl ApiKeys {
+    pub fn new(keys: Vec<String>) -> ApiKeys {
+        ApiKeys {
+            keys: Arc::new(keys.into_iter().map(String::into_bytes).collect()),
+        }
+    }
+}
+
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    // Length is not secret; the content comparison does not stop at the first difference.
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Interceptor for ApiKeys {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let presented = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::as_bytes);
+        match presented {
+            Some(key) if self.keys.iter().fold(false, |ok, k| ok | ct_eq(k, key)) => Ok(req),
+            Some(_) => Err(Status::unauthenticated("invalid api key")),
+            None => Err(Status::unauthenticated(
+                "missing `authorization: Bearer <api key>`",
+            )),
+        }
+    }
+}
+
+pub struct GatewayService {
+    gw: Arc<Gateway>,
+}
+
+impl GatewayService {
+    pub fn new(gw: Arc<Gateway>) -> GatewayService {
+        GatewayService { gw }
+    }
+
+    fn message(&self, m: Option<Message>) -> Result<OutMessage, Status> {
+        let m = m.ok_or_else(|| Status::invalid_argument("message: required"))?;
+        let max = self.gw.cfg.limits.max_push_body;
+        if m.body.len() > max {
+            return Err(Status::invalid_argument(format!(
+                "message.body: {} bytes is over the limit of {max} (limits.max_push_body)",
+                m.body.len()
+            )));
+        }
+        for (field, v, limit) in [
+            ("message.id", &m.id, 128),
+            ("message.from", &m.from, 128),
+            ("message.kind", &m.kind, 64),
+        ] {
+            if v.len() > limit || v.chars().any(char::is_control) {
+                return Err(Status::invalid_argument(format!(
+                    "{field}: at most {limit} bytes, no control characters"
+                )));
+            }
+        }
+        Ok(OutMessage {
+            id: m.id,
+            from: m.from,
+            kind: m.kind,
+            body: m.body,
+        })
+    }
+
+    fn batch(&self, field: &str, ids: &[String]) -> Result<(), Status> {
+        let max = self.gw.cfg.limits.max_batch_users;
+        if ids.len() > max {
+            return Err(Status::invalid_argument(format!(
+                "{field}: {} ids is over the limit of {max} (limits.max_batch_users)",
+                ids.len()
+            )));
+        }
+        for (i, id) in ids.iter().enumerate() {
+            check_id(&format!("{field}[{i}]"), id)?;
+        }
+        Ok(())
+    }
+
+    /// Push one validated message to one user.
+    async fn push(
+        &self,
+        user: &str,
+        msg: OutMessage,
+        durable: bool,
+    ) -> Result<PushOutcome, StateError> {
+        if durable {
+            self.gw.delivery.push_durable(user, msg).await
+        } else {
+            Ok(self.gw.delivery.push_transient(user, msg))
+        }
+    }
+
+    async fn push_to_user_inner(&self, req: PushToUserRequest) -> Result<PushResult, Status> {
+        check_id("user_id", &req.user_id)?;
+        let durable = durable(req.delivery)?;
+        let msg = self.message(req.message)?;
+        let out = self
+            .push(&req.user_id, msg, durable)
+            .await
+            .map_err(unavailable)?;
+        Ok(result(req.user_id, out))
+    }
+}
+
+fn durable(delivery: i32) -> Result<bool, Status> {
+    match Delivery::try_from(delivery) {
+        Ok(Delivery::Durable) => Ok(true),
+        Ok(Delivery::Transient) => Ok(false),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "delivery: unknown value {delivery}"
+        ))),
+    }
+}
+
+fn unavailable(e: StateError) -> Status {
+    Status::unavailable(e.to_string())
+}
+
+fn result(user_id: String, out: PushOutcome) -> PushResult {
+    PushResult {
+        user_id,
+        online: out.online,
+        delivered: out.delivered,
+        seq: out.seq,
+        message_id: out.message_id,
+        error_code: String::new(),
+        error_message: String::new(),
+        epoch: out.epoch,
+    }
+}
+
+fn failed(user_id: String, status: &Status) -> PushResult {
+    PushResult {
+        user_id,
+        error_code: code_name(status.code()).into(),
+        error_message: status.message().into(),
+        ..Default::default()
+    }
+}
+
+/// Count a unary push call by its outcome.
+fn counted<T>(method: &'static str, r: Result<T, Status>) -> Result<Response<T>, Status> {
+    let label = match &r {
+        Ok(_) => "ok",
+        Err(s) if s.code() == tonic::Code::InvalidArgument => "invalid_argument",
+        Err(_) => "unavailable",
+    };
+    metrics::push_request(method, label);
+    r.map(Response::new)
+}
+
+#[tonic::async_trait]
+impl GatewayApi for GatewayService {
+    async fn push_to_user(
+        &self,
+        req: Request<PushToUserRequest>,
+    ) -> Result<Response<PushResult>, Status> {
+        counted(
+            "PushToUser",
+            self.push_to_user_inner(req.into_inner()).await,
+        )
+    }
+
+    async fn push_to_users(
+        &self,
+        req: Request<PushToUsersRequest>,
+    ) -> Result<Response<PushToUsersResponse>, Status> {
+        let r = async {
+            let req = req.into_inner();
+            if req.user_ids.is_empty() {
+                return Err(Status::invalid_argument("user_ids: required"));
+            }
+            self.batch("user_ids", &req.user_ids)?;
+            let durable = durable(req.delivery)?;
+            let msg = self.message(req.message)?;
+            let mut results = Vec::with_capacity(req.user_ids.len());
+            for (i, user) in req.user_ids.into_iter().enumerate() {
+                if i % YIELD_EVERY == YIELD_EVERY - 1 {
+                    tokio::task::yield_now().await;
+                }
+                results.push(match self.push(&user, msg.clone(), durable).await {
+                    Ok(out) => result(user, out),
+                    Err(e) => failed(user, &unavailable(e)),
+                });
+            }
+            Ok(PushToUsersResponse { results })
+        }
+        .await;
+        counted("PushToUsers", r)
+    }
+
+    async fn push_to_group(
+        &self,
+        req: Request<PushToGroupRequest>,
+    ) -> Result<Response<PushToGroupResponse>, Status> {
+        let r = async {
+            let req = req.into_inner();
+            check_id("group_id", &req.group_id)?;
+            let durable = durable(req.delivery)?;
+            let msg = self.message(req.message)?;
+            let members = self
+                .gw
+                .state
+                .group_members(&req.group_id)
+                .await
+                .map_err(unavailable)?;
+            let mut resp = PushToGroupResponse::default();
+            for (i, user) in members
+                .iter()
+                .filter(|m| !req.exclude_user_ids.contains(m))
+                .enumerate()
+            {
+                if i % YIELD_EVERY == YIELD_EVERY - 1 {
+                    tokio::task::yield_now().await;
+                }
+                let out = self
+                    .push(user, msg.clone(), durable)
+                    .await
+                    .map_err(unavailable)?;
+                resp.members += 1;
+                resp.online += u32::from(out.online);
+                resp.delivered += out.delivered;
+            }
+            Ok(resp)
+        }
+        .await;
+        counted("PushToGroup", r)
+    }
+
+    async fn broadcast(
+        &self,
+        req: Request<BroadcastRequest>,
+    ) -> Result<Response<BroadcastResponse>, Status> {
+        let r = self
+            .message(req.into_inner().message)
+            .map(|msg| BroadcastResponse {
+                delivered: self.gw.delivery.broadcast(msg),
+            });
+        counted("Broadcast", r)
+    }
+
+    async fn kick_user(
+        &self,
+        req: Request<KickUserRequest>,
+    ) -> Result<Response<KickUserResponse>, Status> {
+        let req = req.into_inner();
+        check_id("user_id", &req.user_id)?;
+        let device = (!req.device_id.is_empty()).then_some(req.device_id.as_str());
+        if let Some(d) = device {
+            check_id("device_id", d)?;
+        }
+        if req.reason.len() > 123 {
+            // A WebSocket close reason holds at most 123 bytes.
+            return Err(Status::invalid_argument("reason: at most 123 bytes"));
+        }
+        let kicked = self
+            .gw
+            .kick_user(&req.user_id, device, &req.reason)
+            .await
+            .map_err(unavailable)?;
+        Ok(Response::new(KickUserResponse { kicked }))
+    }
+
+    async fn get_user_status(
+        &self,
+        req: Request<GetUserStatusRequest>,
+    ) -> Result<Response<GetUserStatusResponse>, Status> {
+        let req = req.into_inner();
+        self.batch("user_ids", &req.user_ids)?;
+        let statuses = req
+            .user_ids
+            .into_iter()
+            .map(|user| {
+                let devices: Vec<DeviceStatus> = self
+                    .gw
+                    .hub
+                    .connections(&user)
+                    .iter()
+                    .map(|c| DeviceStatus {
+                        device_id: c.device.clone(),
+                        platform: c.platform.clone(),
+                        transport: c.transport.as_str().into(),
+                        instance_id: self.gw.instance_id.clone(),
+                        connected_at_ms: c.connected_at_ms,
+                    })
+                    .collect();
+                UserStatus {
+                    user_id: user,
+                    online: !devices.is_empty(),
+                    devices,
+                }
+            })
+            .collect();
+        Ok(Response::new(GetUserStatusResponse { statuses }))
+    }
+
+    async fn get_stats(
+        &self,
+        _req: Request<GetStatsRequest>,
+    ) -> Result<Response<GetStatsResponse>, Status> {
+        let hub = &self.gw.hub;
+        Ok(Response::new(GetStatsResponse {
+            online_users: hub.online_users() as u64,
+            connections: hub.connection_count() as u64,
+            connections_by_transport: hub
+                .connections_by_transport()
+                .into_iter()
+                .map(|(t, n)| (t.as_str().to_string(), n as u64))
+                .collect(),
+            instances: 1,
+        }))
+    }
+
+    async fn set_group_members(
+        &self,
+        req: Request<SetGroupMembersRequest>,
+    ) -> Result<Response<SetGroupMembersResponse>, Status> {
+        let req = req.into_inner();
+        check_id("group_id", &req.group_id)?;
+        let op = match GroupOp::try_from(req.op) {
+            Ok(GroupOp::Replace) => crate::state::GroupOp::Replace,
+            Ok(GroupOp::Add) => crate::state::GroupOp::Add,
+            Ok(GroupOp::Remove) => crate::state::GroupOp::Remove,
+            Ok(GroupOp::Unspecified) => {
+                return Err(Status::invalid_argument(
+                    "op: GROUP_OP_UNSPECIFIED; use REPLACE, ADD or REMOVE",
+                ))
+            }
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "op: unknown value {}",
+                    req.op
+                )))
+            }
+        };
+        self.batch("user_ids", &req.user_ids)?;
+        let members = self
+            .gw
+            .state
+            .set_group_members(&req.group_id, op, &req.user_ids)
+            .await
+            .map_err(unavailable)?;
+        Ok(Response::new(SetGroupMembersResponse {
+            members: members as u32,
+        }))
+    }
+
+    async fn invalidate_tokens(
+        &self,
+        req: Request<InvalidateTokensRequest>,
+    ) -> Result<Response<InvalidateTokensResponse>, Status> {
+        let req = req.into_inner();
+        check_id("user_id", &req.user_id)?;
+        let evicted = self
+            .gw
+            .revoke_tokens(&req.user_id)
+            .await
+            .map_err(unavailable)?;
+        Ok(Response::new(InvalidateTokensResponse { evicted }))
+    }
+
+    type PushStreamStream = ReceiverStream<Result<PushResult, Status>>;
+
+    async fn push_stream(
+        &self,
+        req: Request<Streaming<PushToUserRequest>>,
+    ) -> Result<Response<Self::PushStreamStream>, Status> {
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(STREAM_WINDOW);
+        let svc = GatewayService {
+            gw: self.gw.clone(),
+        };
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    _ = svc.gw.shutdown.cancelled() => {
+                        let _ = tx.send(Err(Status::unavailable("the instance is draining: reconnect"))).await;
+                        return;
+                    }
+                    next = inbound.message() => next,
+                };
+                let req = match next {
+                    Ok(Some(req)) => req,
+                    Ok(None) | Err(_) => return,
+                };
+                let user = req.user_id.clone();
+                // One result per request, in request order; a failing item fails alone.
+                let item = match svc.push_to_user_inner(req).await {
+                    Ok(r) => {
+                        metrics::push_request("PushStream", "ok");
+                        r
+                    }
+                    Err(status) => {
+                        let label = if status.code() == tonic::Code::InvalidArgument {
+                            "invalid_argument"
+                        } else {
+                            "unavailable"
+                        };
+                        metrics::push_request("PushStream", label);
+                        failed(user, &status)
+                    }
+                };
+                if tx.send(Ok(item)).await.is_err() {
+                    return; // the caller went away
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Serve the gRPC listener until `stop` (after the drain: unary calls are served while
+/// draining, open streams end with UNAVAILABLE when it begins).
+pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, stop: CancellationToken) {
+    if let Err(e) = run(gw, listener, stop).await {
+        error!(error = %format!("{e:#}"), "gRPC listener failed");
+    }
+}
+
+async fn run(
+    gw: Arc<Gateway>,
+    listener: TcpListener,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let cfg = &gw.cfg.grpc;
+    let mut builder = Server::builder().tcp_nodelay(true);
+    if !cfg.tls_cert.is_empty() {
+        let cert = std::fs::read(&cfg.tls_cert)?;
+        let key = std::fs::read(&cfg.tls_key)?;
+        let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+        if !cfg.client_ca.is_empty() {
+            tls = tls.client_ca_root(Certificate::from_pem(std::fs::read(&cfg.client_ca)?));
+        }
+        builder = builder.tls_config(tls)?;
+    }
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<GatewayServer<GatewayService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(super::pb::DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let keys = gw.cfg.api_keys();
+    let gateway = GatewayServer::new(GatewayService::new(gw.clone()))
+        .max_decoding_message_size(gw.cfg.limits.max_push_body.max(64 * 1024) * 2 + 64 * 1024);
+    let mtls_only = keys.is_empty() && !cfg.client_ca.is_empty();
+    let router = if mtls_only {
+        // The client certificate is the credential.
+        builder
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(gateway)
+    } else {
+        builder
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                gateway,
+                ApiKeys::new(keys),
+            ))
+    };
+    info!(addr = ?listener.local_addr().ok(), "gRPC listening");
+    router
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            stop.cancelled_owned(),
+        )
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_key_check() {
+        let mut keys = ApiKeys::new(vec!["k1".into(), "longer-key".into()]);
+        let with = |v: &str| {
+            let mut r = Request::new(());
+            r.metadata_mut().insert("authorization", v.parse().unwrap());
+            r
+        };
+        assert!(keys.call(with("Bearer k1")).is_ok());
+        assert!(keys.call(with("Bearer longer-key")).is_ok());
+        assert_eq!(
+            keys.call(with("Bearer k2")).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        assert_eq!(
+            keys.call(with("k1")).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        assert_eq!(
+            keys.call(Request::new(())).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+    }
+}
