@@ -7,6 +7,9 @@
 //! ```
 //! `idle`: gateway RSS growth per idle authenticated connection.
 //! `chat`: relay chat between pairs of clients at a total rate; send → receive latency.
+//! `push-unary`: durable `PushToUser` calls (64 in flight) to `--conns` connected clients.
+//! `push-stream`: durable pushes over one `PushStream` to `--conns` connected clients.
+//! `push-latency`: `PushToUser` at `--rate`; push accepted → client receive latency.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -59,6 +62,7 @@ fn opts() -> Opts {
 const HTTP: &str = "127.0.0.1:18080";
 const HTTPS: &str = "127.0.0.1:18443";
 const OPS: &str = "127.0.0.1:19090";
+const GRPC: &str = "127.0.0.1:15051";
 
 fn rss_kib(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -86,7 +90,7 @@ fn start_gateway(o: &Opts) -> std::process::Child {
         .env("IMGATE__LISTEN__HTTP", HTTP)
         .env("IMGATE__LISTEN__HTTPS", HTTPS)
         .env("IMGATE__LISTEN__OPS", OPS)
-        .env("IMGATE__LISTEN__GRPC", "")
+        .env("IMGATE__LISTEN__GRPC", GRPC)
         .env("IMGATE__LISTEN__WEBTRANSPORT", "")
         .env("IMGATE__LIMITS__MAX_PER_IP", "1000000")
         .env("IMGATE__LIMITS__MAX_CONNECTIONS", "1000000")
@@ -176,6 +180,7 @@ async fn main() {
     match o.mode.as_str() {
         "idle" => idle(&o, pid, pin).await,
         "chat" => chat(&o, pin).await,
+        "push-unary" | "push-stream" | "push-latency" => push(&o, pin).await,
         m => eprintln!("unknown mode {m:?}: idle | chat"),
     }
     if let Some(mut child) = child.take() {
@@ -317,4 +322,201 @@ fn field<'a>(text: &'a str, key: &str) -> &'a str {
         rest.find([',', '}']).unwrap_or(rest.len())
     };
     &rest[..end]
+}
+
+type Api = imgate::grpc::pb::gateway_client::GatewayClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>,
+    >,
+>;
+
+fn with_key(mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    req.metadata_mut()
+        .insert("authorization", "Bearer dev-key".parse().unwrap());
+    Ok(req)
+}
+
+async fn api() -> Api {
+    let ch = tonic::transport::Channel::from_shared(format!("http://{GRPC}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    imgate::grpc::pb::gateway_client::GatewayClient::with_interceptor(ch, with_key as fn(_) -> _)
+}
+
+fn push_req(user: String, body: String) -> imgate::grpc::pb::PushToUserRequest {
+    imgate::grpc::pb::PushToUserRequest {
+        user_id: user,
+        message: Some(imgate::grpc::pb::Message {
+            body: body.into(),
+            ..Default::default()
+        }),
+        delivery: 0,
+    }
+}
+
+/// Connected clients that count (and, for latency, time) the pushes they receive and ack them.
+async fn receivers(
+    o: &Opts,
+    pin: Option<[u8; 32]>,
+    received: Arc<AtomicU64>,
+    lat: Arc<parking_lot::Mutex<Vec<u64>>>,
+    start: Instant,
+) {
+    for chunk in (0..o.conns).collect::<Vec<_>>().chunks(500) {
+        let batch = futures_util::future::join_all(
+            chunk
+                .iter()
+                .map(|i| connect_owned(format!("u{i}"), o.tls, pin)),
+        )
+        .await;
+        for ws in batch {
+            let (received, lat) = (received.clone(), lat.clone());
+            tokio::spawn(async move {
+                let (mut tx, mut rx) = ws.split();
+                let mut held = 0u64;
+                while let Some(Ok(Message::Text(t))) = rx.next().await {
+                    if !t.starts_with("{\"type\":\"push\"") {
+                        continue;
+                    }
+                    let now = start.elapsed().as_nanos() as u64;
+                    if let Ok(sent) = field(&t, "\"body\":").parse::<u64>() {
+                        lat.lock().push(now.saturating_sub(sent));
+                    }
+                    received.fetch_add(1, Ordering::Relaxed);
+                    // Acks are cumulative: a client acks every so often, not every push.
+                    held += 1;
+                    if held % 32 == 0 {
+                        let ack = format!(
+                            "{{\"type\":\"ack\",\"seq\":{},\"epoch\":{}}}",
+                            field(&t, "\"seq\":"),
+                            field(&t, "\"epoch\":")
+                        );
+                        if tx.send(Message::Text(ack.into())).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    }
+}
+
+async fn push(o: &Opts, pin: Option<[u8; 32]>) {
+    let received = Arc::new(AtomicU64::new(0));
+    let lat = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let start = Instant::now();
+    receivers(o, pin, received.clone(), lat.clone(), start).await;
+    let conns = o.conns;
+    let deadline = Instant::now() + Duration::from_secs(o.secs);
+    let sent = Arc::new(AtomicU64::new(0));
+    let t0 = Instant::now();
+    match o.mode.as_str() {
+        "push-unary" => {
+            let mut tasks = Vec::new();
+            for w in 0..64 {
+                let sent = sent.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut api = api().await;
+                    let mut i = w;
+                    while Instant::now() < deadline {
+                        api.push_to_user(push_req(format!("u{}", i % conns), "\"x\"".into()))
+                            .await
+                            .unwrap();
+                        sent.fetch_add(1, Ordering::Relaxed);
+                        i += 64;
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+        }
+        "push-stream" => {
+            let mut api = api().await;
+            let (tx, rx) = tokio::sync::mpsc::channel(1024);
+            let feeder = tokio::spawn(async move {
+                let mut i = 0usize;
+                while Instant::now() < deadline {
+                    for _ in 0..256 {
+                        if tx
+                            .send(push_req(format!("u{}", i % conns), "\"x\"".into()))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                        i += 1;
+                    }
+                }
+            });
+            let mut results = api
+                .push_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            while let Some(r) = results.message().await.unwrap() {
+                assert!(r.error_code.is_empty(), "{r:?}");
+                sent.fetch_add(1, Ordering::Relaxed);
+            }
+            feeder.await.unwrap();
+        }
+        _ => {
+            let mut api = api().await;
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / o.rate as f64));
+            let mut i = 0usize;
+            while Instant::now() < deadline {
+                tick.tick().await;
+                let body = (start.elapsed().as_nanos() as u64).to_string();
+                let mut api = api.clone();
+                let sent = sent.clone();
+                let user = format!("u{}", i % conns);
+                tokio::spawn(async move {
+                    api.push_to_user(push_req(user, body)).await.unwrap();
+                    sent.fetch_add(1, Ordering::Relaxed);
+                });
+                i += 1;
+            }
+            api.get_stats(imgate::grpc::pb::GetStatsRequest {})
+                .await
+                .unwrap();
+        }
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    // Let the last pushes land.
+    let target = sent.load(Ordering::Relaxed);
+    let settle = Instant::now();
+    while received.load(Ordering::Relaxed) < target && settle.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut l = lat.lock().clone();
+    l.sort_unstable();
+    let q = |p: f64| {
+        l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0) as f64
+            / 1e6
+    };
+    println!(
+        "{} to {} {} clients: {} pushes in {:.1} s = {:.0}/s; {} received{}",
+        o.mode,
+        conns,
+        if o.tls { "wss" } else { "ws" },
+        target,
+        elapsed,
+        target as f64 / elapsed,
+        received.load(Ordering::Relaxed),
+        if o.mode == "push-latency" {
+            format!(
+                "; push -> receive p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+                q(0.5),
+                q(0.99),
+                l.last().copied().unwrap_or(0) as f64 / 1e6
+            )
+        } else {
+            String::new()
+        }
+    );
 }

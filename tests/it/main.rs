@@ -9,3 +9,4 @@ mod grpc;
 mod limits;
 mod ops;
 mod policy;
+mod python;
