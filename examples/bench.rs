@@ -292,12 +292,7 @@ async fn chat(o: &Opts, pin: Option<[u8; 32]>) {
     }
     let mut l = lat.lock().clone();
     l.sort_unstable();
-    let q = |p: f64| {
-        l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0) as f64
-            / 1e6
-    };
+    let q = |p: f64| quantile_ms(&l, p);
     println!(
         "chat {}: {} clients, {} sent, {} received in {} s ({:.0}/s): p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms",
         if o.tls { "wss" } else { "ws" },
@@ -493,12 +488,7 @@ async fn push(o: &Opts, pin: Option<[u8; 32]>) {
     }
     let mut l = lat.lock().clone();
     l.sort_unstable();
-    let q = |p: f64| {
-        l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0) as f64
-            / 1e6
-    };
+    let q = |p: f64| quantile_ms(&l, p);
     println!(
         "{} to {} {} clients: {} pushes in {:.1} s = {:.0}/s; {} received{}",
         o.mode,
@@ -519,4 +509,10 @@ async fn push(o: &Opts, pin: Option<[u8; 32]>) {
             String::new()
         }
     );
+}
+
+/// The `p` quantile of sorted nanosecond samples, in milliseconds.
+fn quantile_ms(sorted: &[u64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1));
+    sorted.get(i).copied().unwrap_or(0) as f64 / 1e6
 }

@@ -9,6 +9,28 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+/// The metric names SPEC §8 promises (more are exported).
+pub const SPEC_NAMES: [&str; 18] = [
+    "imgate_connections",
+    "imgate_connections_opened_total",
+    "imgate_connections_closed_total",
+    "imgate_auth_total",
+    "imgate_frames_received_total",
+    "imgate_frames_sent_total",
+    "imgate_bytes_received_total",
+    "imgate_bytes_sent_total",
+    "imgate_push_requests_total",
+    "imgate_push_delivery_seconds",
+    "imgate_upstream_seconds",
+    "imgate_token_cache_total",
+    "imgate_state_seconds",
+    "imgate_state_errors_total",
+    "imgate_state_up",
+    "imgate_cluster_messages_total",
+    "imgate_instances",
+    "imgate_build_info",
+];
+
 pub const TRANSPORTS: [&str; 3] = ["ws", "wss", "wt"];
 /// SPEC §4 codes, plus 1000 (the client closed) and 1006 (the connection was lost).
 pub const CLOSE_CODES: [&str; 14] = [
@@ -380,26 +402,7 @@ mod tests {
         let handle = install();
         build_info();
         let text = handle.render();
-        for name in [
-            "imgate_connections",
-            "imgate_connections_opened_total",
-            "imgate_connections_closed_total",
-            "imgate_auth_total",
-            "imgate_frames_received_total",
-            "imgate_frames_sent_total",
-            "imgate_bytes_received_total",
-            "imgate_bytes_sent_total",
-            "imgate_push_requests_total",
-            "imgate_push_delivery_seconds",
-            "imgate_upstream_seconds",
-            "imgate_token_cache_total",
-            "imgate_state_seconds",
-            "imgate_state_errors_total",
-            "imgate_state_up",
-            "imgate_cluster_messages_total",
-            "imgate_instances",
-            "imgate_build_info",
-        ] {
+        for name in SPEC_NAMES {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
         }
         assert!(text.contains("imgate_connections_closed_total{transport=\"wt\",code=\"4507\"} 0"));

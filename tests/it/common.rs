@@ -141,6 +141,15 @@ impl TestGateway {
         })
     }
 
+    /// A handshake the server must refuse: its HTTP status.
+    pub async fn refused(&self, kind: Kind, query: &str, headers: &[(&str, &str)]) -> u16 {
+        match self.connect(kind, query, headers).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+            Err(e) => panic!("expected an HTTP refusal, got {e:?}"),
+            Ok(_) => panic!("the handshake was accepted"),
+        }
+    }
+
     pub async fn http_get(&self, addr: SocketAddr, path: &str) -> (u16, String) {
         http_get(addr, path).await
     }

@@ -119,15 +119,7 @@ async fn node_limit_503() {
     let _a = gw.login(Kind::Ws, "a", "d").await;
     let _b = gw.login(Kind::Ws, "b", "d").await;
     let t = token("c", None, None, Duration::from_secs(60));
-    match gw
-        .connect(Kind::Ws, &format!("token={t}"), &[])
-        .await
-        .err()
-        .expect("refused")
-    {
-        tokio_tungstenite::tungstenite::Error::Http(r) => assert_eq!(r.status(), 503),
-        e => panic!("{e:?}"),
-    }
+    assert_eq!(gw.refused(Kind::Ws, &format!("token={t}"), &[]).await, 503);
 }
 
 #[tokio::test]
@@ -144,15 +136,11 @@ async fn per_ip_limit_429_and_trusted_proxies() {
         .await
         .unwrap();
     first.expect("welcome").await;
-    match gw
-        .connect(Kind::Ws, &q, &[("x-forwarded-for", "203.0.113.7")])
-        .await
-        .err()
-        .expect("refused")
-    {
-        tokio_tungstenite::tungstenite::Error::Http(r) => assert_eq!(r.status(), 429),
-        e => panic!("{e:?}"),
-    }
+    assert_eq!(
+        gw.refused(Kind::Ws, &q, &[("x-forwarded-for", "203.0.113.7")])
+            .await,
+        429
+    );
     // Another client behind the same proxy is another address.
     let mut other = gw
         .connect(Kind::Ws, &q, &[("x-forwarded-for", "203.0.113.8")])
@@ -182,10 +170,7 @@ async fn forwarded_for_is_ignored_from_untrusted_peers() {
 async fn unauthenticated_sessions_are_capped() {
     let gw = TestGateway::with(|c| c.limits.max_unauthenticated = 1).await;
     let _waiting = gw.connect(Kind::Ws, "", &[]).await.unwrap();
-    match gw.connect(Kind::Ws, "", &[]).await.err().expect("refused") {
-        tokio_tungstenite::tungstenite::Error::Http(r) => assert_eq!(r.status(), 503),
-        e => panic!("{e:?}"),
-    }
+    assert_eq!(gw.refused(Kind::Ws, "", &[]).await, 503);
     // Clients with a token are not held back by strangers that never authenticate.
     let _ok = gw.login(Kind::Ws, "u", "d").await;
 }
@@ -196,15 +181,11 @@ async fn origin_allow_list() {
         TestGateway::with(|c| c.net.allowed_origins = vec!["https://chat.example".into()]).await;
     let t = token("u", None, None, Duration::from_secs(60));
     let q = format!("token={t}");
-    match gw
-        .connect(Kind::Ws, &q, &[("origin", "https://evil.example")])
-        .await
-        .err()
-        .expect("refused")
-    {
-        tokio_tungstenite::tungstenite::Error::Http(r) => assert_eq!(r.status(), 403),
-        e => panic!("{e:?}"),
-    }
+    assert_eq!(
+        gw.refused(Kind::Ws, &q, &[("origin", "https://evil.example")])
+            .await,
+        403
+    );
     let mut ok = gw
         .connect(Kind::Ws, &q, &[("origin", "https://chat.example")])
         .await

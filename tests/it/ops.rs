@@ -4,27 +4,6 @@ use std::time::Duration;
 
 use crate::common::{metric, Kind, TestGateway, WAIT};
 
-const SPEC_METRICS: &[&str] = &[
-    "imgate_connections",
-    "imgate_connections_opened_total",
-    "imgate_connections_closed_total",
-    "imgate_auth_total",
-    "imgate_frames_received_total",
-    "imgate_frames_sent_total",
-    "imgate_bytes_received_total",
-    "imgate_bytes_sent_total",
-    "imgate_push_requests_total",
-    "imgate_push_delivery_seconds",
-    "imgate_upstream_seconds",
-    "imgate_token_cache_total",
-    "imgate_state_seconds",
-    "imgate_state_errors_total",
-    "imgate_state_up",
-    "imgate_cluster_messages_total",
-    "imgate_instances",
-    "imgate_build_info",
-];
-
 #[tokio::test]
 async fn metrics_exposition_has_every_spec_name() {
     let gw = TestGateway::start().await;
@@ -32,7 +11,7 @@ async fn metrics_exposition_has_every_spec_name() {
     c.ping("1").await;
     let (status, text) = gw.http_get(gw.ops, "/metrics").await;
     assert_eq!(status, 200);
-    for name in SPEC_METRICS {
+    for name in imgate::ops::metrics::SPEC_NAMES {
         assert!(
             text.lines()
                 .any(|l| l.starts_with(&format!("# TYPE {name} "))),
