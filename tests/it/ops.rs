@@ -132,3 +132,43 @@ async fn dev_token_is_404_in_prod() {
     .await;
     assert_eq!(gw.http_get(gw.http, "/dev/token?user=a").await.0, 404);
 }
+
+/// Every metric the Grafana dashboard queries is one the gateway exports.
+#[tokio::test]
+async fn dashboard_queries_exported_metrics() {
+    let gw = TestGateway::start().await;
+    let (_, text) = gw.http_get(gw.ops, "/metrics").await;
+    let dash = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/dashboards/imgate.json"
+    ))
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&dash).expect("valid JSON");
+    let mut names = std::collections::BTreeSet::new();
+    for panel in v["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(i) = rest.find("imgate_") {
+                let name: String = rest[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[i + name.len()..];
+                let base = ["_bucket", "_count", "_sum"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .unwrap_or(&name)
+                    .to_string();
+                names.insert(base);
+            }
+        }
+    }
+    assert!(names.len() > 15, "{names:?}");
+    for name in names {
+        assert!(
+            text.contains(&format!("# TYPE {name} ")),
+            "the dashboard queries {name}, which is not exported"
+        );
+    }
+}
