@@ -205,7 +205,7 @@ pub struct LimitsConfig {
 pub struct NetConfig {
     /// CIDRs whose `X-Forwarded-For` / PROXY protocol v2 is believed.
     pub trusted_proxies: Vec<String>,
-    /// Accept PROXY protocol v2 headers from trusted proxies on the public listeners.
+    /// Connections from trusted proxies start with a PROXY protocol v2 header (required).
     pub proxy_protocol: bool,
     /// Browser origins allowed to connect (exact `scheme://host[:port]`, or `*`).
     /// Empty: in dev, any localhost / 127.0.0.1 / [::1] origin; in prod, none.

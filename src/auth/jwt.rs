@@ -374,6 +374,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn rs256_from_a_pem_file_and_jwks_by_kid() {
+        use base64::Engine;
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+        let dir = std::env::temp_dir().join(format!("imgate-rsa-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pem_path = dir.join("rs256.pub.pem");
+        std::fs::write(&pem_path, key.public_key_pem()).unwrap();
+        let enc = EncodingKey::from_rsa_pem(key.serialize_pem().as_bytes()).unwrap();
+        let n = now();
+        let claims = json!({"sub":"rsa","iat":n,"exp":n+60});
+        let t = jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, &enc).unwrap();
+        let v = verifier(|c| c.jwt_public_keys = vec![pem_path.display().to_string()]);
+        assert_eq!(verify(&v, &t).await.unwrap().user, "rsa");
+
+        // The same key as a JWKS entry, chosen by the token's kid.
+        let der = key.public_key_raw();
+        let (_, rsa) = x509_parser::der_parser::der::parse_der(der).unwrap();
+        let seq = rsa.as_sequence().unwrap();
+        let b64 = |b: &[u8]| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(b.strip_prefix(&[0u8]).unwrap_or(b))
+        };
+        let (modulus, exponent) = (seq[0].as_slice().unwrap(), seq[1].as_slice().unwrap());
+        let jwks = json!({"keys": [{"kty":"RSA","kid":"k1","alg":"RS256","use":"sig","n": b64(modulus),"e": b64(exponent)}]});
+        let jwks_path = dir.join("jwks.json");
+        std::fs::write(&jwks_path, jwks.to_string()).unwrap();
+        let v = verifier(|c| c.jwks_file = jwks_path.display().to_string());
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some("k1".into());
+        let t = jsonwebtoken::encode(&header, &claims, &enc).unwrap();
+        assert_eq!(verify(&v, &t).await.unwrap().user, "rsa");
+        header.kid = Some("unknown".into());
+        let t = jsonwebtoken::encode(&header, &claims, &enc).unwrap();
+        assert!(
+            verify(&v, &t).await.is_err(),
+            "an unknown kid and no PEM key: refused"
+        );
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[tokio::test]
     async fn es256_from_a_pem_file_and_algorithm_allow_list() {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let dir = std::env::temp_dir().join(format!("imgate-jwt-{}", rand::random::<u64>()));

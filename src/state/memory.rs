@@ -33,7 +33,7 @@ struct UserRecord {
     entries: VecDeque<Entry>,
     devices: Vec<(String, u64)>,
     user_cursor: u64,
-    dedupe: HashMap<String, (u64, Instant)>,
+    dedupe: HashMap<String, (u64, Instant), RandomState>,
     dedupe_prune_at: usize,
     touched: Instant,
 }
@@ -46,7 +46,7 @@ impl UserRecord {
             entries: VecDeque::new(),
             devices: Vec::new(),
             user_cursor: 0,
-            dedupe: HashMap::new(),
+            dedupe: HashMap::default(),
             dedupe_prune_at: 64,
             touched: now,
         }

@@ -57,6 +57,23 @@ pub async fn serve(
         let tls = tls.clone();
         tokio::spawn(async move {
             let limit = gw.cfg.limits.handshake_timeout;
+            let mut stream = stream;
+            let mut peer = peer;
+            if gw.cfg.net.proxy_protocol && gw.trusted.contains(peer.ip()) {
+                match tokio::time::timeout(limit, super::proxy::read_header(&mut stream)).await {
+                    Ok(Ok(Some(client))) => peer = client,
+                    Ok(Ok(None)) => {}
+                    Ok(Err(e)) => {
+                        debug!(error = %e, "refused a connection from a trusted proxy");
+                        metrics::rejected("bad_request");
+                        return;
+                    }
+                    Err(_) => {
+                        metrics::rejected("handshake_timeout");
+                        return;
+                    }
+                }
+            }
             match tls {
                 None => serve_conn(gw, stream, peer, transport).await,
                 Some(acceptor) => {

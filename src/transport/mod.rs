@@ -2,6 +2,7 @@
 //! the rest of the gateway a [`Session`]. Nothing outside this module names a transport type.
 
 pub mod http;
+pub mod proxy;
 pub mod ws;
 
 use std::future::Future;

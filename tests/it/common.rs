@@ -109,6 +109,17 @@ impl TestGateway {
         query: &str,
         headers: &[(&str, &str)],
     ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+        self.connect_after(kind, query, headers, &[]).await
+    }
+
+    /// Like `connect`, writing `prefix` on the TCP connection first (a PROXY header).
+    pub async fn connect_after(
+        &self,
+        kind: Kind,
+        query: &str,
+        headers: &[(&str, &str)],
+        prefix: &[u8],
+    ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
         let mut req = self.url(kind, query).into_client_request()?;
         for (k, v) in headers {
             req.headers_mut().insert(
@@ -116,10 +127,11 @@ impl TestGateway {
                 http::HeaderValue::from_str(v).unwrap(),
             );
         }
-        let tcp = match kind {
+        let mut tcp = match kind {
             Kind::Ws => TcpStream::connect(self.http).await?,
             Kind::Wss => TcpStream::connect(self.https.unwrap()).await?,
         };
+        tokio::io::AsyncWriteExt::write_all(&mut tcp, prefix).await?;
         let stream: Box<dyn Io> = match kind {
             Kind::Ws => Box::new(tcp),
             Kind::Wss => {

@@ -279,3 +279,43 @@ async fn slow_consumer_4100() {
     let closed = slow.closed().await;
     assert_eq!(closed.kick, Some(4100), "{closed:?}");
 }
+
+/// Behind a load balancer speaking PROXY protocol v2, the per-IP limit applies to the
+/// client addresses it reports; a trusted peer that sends no header is refused.
+#[tokio::test]
+async fn proxy_protocol_v2_client_addresses() {
+    use imgate::transport::proxy::encode_header;
+    let gw = TestGateway::with(|c| {
+        c.net.proxy_protocol = true;
+        c.net.trusted_proxies = vec!["127.0.0.1/32".into()];
+        c.limits.max_per_ip = 1;
+    })
+    .await;
+    let t = token("p", None, None, Duration::from_secs(60));
+    let q = format!("token={t}");
+    let from = |ip: &str| encode_header(format!("{ip}:40000").parse().unwrap(), gw.http);
+    for kind in [Kind::Ws, Kind::Wss] {
+        let dst = if kind == Kind::Ws {
+            gw.http
+        } else {
+            gw.https.unwrap()
+        };
+        let header = encode_header("198.51.100.1:40000".parse().unwrap(), dst);
+        let mut first = gw.connect_after(kind, &q, &[], &header).await.unwrap();
+        first.expect("welcome").await;
+        match gw.connect_after(kind, &q, &[], &header).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 429),
+            other => panic!(
+                "the same client address is limited: {other:?}",
+                other = other.map(|_| ())
+            ),
+        }
+    }
+    let mut other = gw
+        .connect_after(Kind::Ws, &q, &[], &from("198.51.100.2"))
+        .await
+        .unwrap();
+    other.expect("welcome").await;
+    // No header from a trusted peer: not served.
+    assert!(gw.connect(Kind::Ws, &q, &[]).await.is_err());
+}
