@@ -306,30 +306,30 @@ impl GatewayApi for GatewayService {
     ) -> Result<Response<GetUserStatusResponse>, Status> {
         let req = req.into_inner();
         self.batch("user_ids", &req.user_ids)?;
-        let statuses = req
-            .user_ids
-            .into_iter()
-            .map(|user| {
-                let devices: Vec<DeviceStatus> = self
-                    .gw
-                    .hub
-                    .connections(&user)
-                    .iter()
-                    .map(|c| DeviceStatus {
-                        device_id: c.device.clone(),
-                        platform: c.platform.clone(),
-                        transport: c.transport.as_str().into(),
-                        instance_id: self.gw.instance_id.clone(),
-                        connected_at_ms: c.connected_at_ms,
-                    })
-                    .collect();
-                UserStatus {
-                    user_id: user,
-                    online: !devices.is_empty(),
-                    devices,
-                }
-            })
-            .collect();
+        let mut statuses = Vec::with_capacity(req.user_ids.len());
+        for user in req.user_ids {
+            // Presence spans every instance (with a shared store), not only this one's hub.
+            let devices: Vec<DeviceStatus> = self
+                .gw
+                .state
+                .presence(&user)
+                .await
+                .map_err(unavailable)?
+                .into_iter()
+                .map(|p| DeviceStatus {
+                    device_id: p.device,
+                    platform: p.platform,
+                    transport: p.transport,
+                    instance_id: p.instance,
+                    connected_at_ms: p.connected_at_ms,
+                })
+                .collect();
+            statuses.push(UserStatus {
+                user_id: user,
+                online: !devices.is_empty(),
+                devices,
+            });
+        }
         Ok(Response::new(GetUserStatusResponse { statuses }))
     }
 

@@ -113,6 +113,8 @@ struct Conn<S> {
     control: Option<Arc<Control>>,
     /// The business upstream worker of this connection, started by its first `send`.
     upstream: Option<UpstreamWorker>,
+    /// Set while the connection is recorded in presence.
+    presence: Option<Arc<ConnInfo>>,
 }
 
 /// Sends in flight to the business backend per connection; more get `upstream_unavailable`.
@@ -178,6 +180,7 @@ impl<S: Session> Conn<S> {
             expiry: Box::pin(tokio::time::sleep(Duration::from_secs(86400 * 365))),
             control: None,
             upstream: None,
+            presence: None,
             session,
             gw,
         }
@@ -191,7 +194,14 @@ impl<S: Session> Conn<S> {
                 // Authenticated: no longer counts against `max_unauthenticated`.
                 adm.permits.authenticated();
                 let since = since.or(adm.params.since.take());
-                self.serve(identity, since, adm).await
+                let end = self.serve(identity, since, adm).await;
+                if let Some(info) = self.presence.take() {
+                    let state = self.gw.state.clone();
+                    if let Err(e) = state.remove_presence(&info.user, &info.session).await {
+                        debug!(error = %e, "presence not removed");
+                    }
+                }
+                end
             }
             Err(end) => end,
         };
@@ -289,6 +299,20 @@ impl<S: Session> Conn<S> {
         };
         if let Some(status) = &gw.status {
             status.notify(crate::grpc::business::change(&info, &gw.instance_id, true));
+        }
+        let presence = crate::state::Presence {
+            user: info.user.clone(),
+            conn: info.session.clone(),
+            device: info.device.clone(),
+            platform: info.platform.clone(),
+            transport: info.transport.as_str().into(),
+            instance: gw.instance_id.clone(),
+            connected_at_ms: info.connected_at_ms,
+        };
+        // Presence is for routing and status queries: a store hiccup does not refuse the session.
+        match gw.state.add_presence(&presence).await {
+            Ok(()) => self.presence = Some(info.clone()),
+            Err(e) => debug!(error = %e, "presence not recorded"),
         }
         self.control = Some(control.clone());
         if gw.is_draining() {

@@ -225,6 +225,49 @@ pub async fn users_are_independent(s: impl State) {
     assert_eq!(s.head("b").await.unwrap().head_seq, 1);
 }
 
+fn conn(user: &str, conn: &str, instance: &str) -> Presence {
+    Presence {
+        user: user.into(),
+        conn: conn.into(),
+        device: format!("dev-{conn}"),
+        platform: "web".into(),
+        transport: "ws".into(),
+        instance: instance.into(),
+        connected_at_ms: 1,
+    }
+}
+
+pub async fn presence_and_routes(s: impl State) {
+    assert!(s.presence("u").await.unwrap().is_empty());
+    assert!(s.routes("u").await.unwrap().is_empty());
+    s.add_presence(&conn("u", "c1", "i1")).await.unwrap();
+    s.add_presence(&conn("u", "c2", "i2")).await.unwrap();
+    s.add_presence(&conn("u", "c3", "i2")).await.unwrap();
+    s.add_presence(&conn("v", "c4", "i1")).await.unwrap();
+    let mut conns: Vec<_> = s
+        .presence("u")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.conn)
+        .collect();
+    conns.sort();
+    assert_eq!(conns, vec!["c1", "c2", "c3"]);
+    let mut routes = s.routes("u").await.unwrap();
+    routes.sort();
+    assert_eq!(routes, vec!["i1", "i2"], "each instance once");
+    s.remove_presence("u", "c1").await.unwrap();
+    s.remove_presence("u", "nope").await.unwrap();
+    assert_eq!(s.routes("u").await.unwrap(), vec!["i2"]);
+    // An instance that drained or died takes its connections with it.
+    assert_eq!(s.remove_instance("i2").await.unwrap(), 2);
+    assert!(s.presence("u").await.unwrap().is_empty());
+    assert_eq!(s.presence("v").await.unwrap().len(), 1);
+    // Adding the same connection twice keeps one entry.
+    s.add_presence(&conn("v", "c4", "i1")).await.unwrap();
+    assert_eq!(s.presence("v").await.unwrap(), vec![conn("v", "c4", "i1")]);
+}
+
 /// One test per contract case for a factory `|cfg: &StateConfig| -> impl State`.
 #[macro_export]
 macro_rules! state_contract_tests {
@@ -271,6 +314,10 @@ macro_rules! state_contract_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn concurrent_appends_leave_no_gap() {
                 c::concurrent_appends_leave_no_gap(make(|_| {})).await
+            }
+            #[tokio::test]
+            async fn presence_and_routes() {
+                c::presence_and_routes(make(|_| {})).await
             }
             #[tokio::test]
             async fn users_are_independent() {

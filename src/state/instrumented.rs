@@ -91,6 +91,28 @@ impl<S: State> State for Instrumented<S> {
         self.timed("revoke", self.inner.revoked_at(user)).await
     }
 
+    async fn add_presence(&self, p: &Presence) -> Result<(), StateError> {
+        self.timed("presence", self.inner.add_presence(p)).await
+    }
+
+    async fn remove_presence(&self, user: &str, conn: &str) -> Result<(), StateError> {
+        self.timed("presence", self.inner.remove_presence(user, conn))
+            .await
+    }
+
+    async fn presence(&self, user: &str) -> Result<Vec<Presence>, StateError> {
+        self.timed("presence", self.inner.presence(user)).await
+    }
+
+    async fn routes(&self, user: &str) -> Result<Vec<String>, StateError> {
+        self.timed("route", self.inner.routes(user)).await
+    }
+
+    async fn remove_instance(&self, instance: &str) -> Result<usize, StateError> {
+        self.timed("presence", self.inner.remove_instance(instance))
+            .await
+    }
+
     async fn ping(&self) -> Result<(), StateError> {
         self.inner.ping().await
     }

@@ -69,11 +69,16 @@ impl UserRecord {
     }
 }
 
+/// user → that user's connections, on every instance.
+type PresenceShard = Mutex<HashMap<String, Vec<Presence>>>;
+
 pub struct MemoryState {
     shards: Box<[Mutex<HashMap<String, UserRecord>>]>,
     hasher: RandomState,
     groups: Mutex<HashMap<String, HashSet<String>>>,
     revoked: Mutex<HashMap<String, i64>>,
+    /// user → connections; apart from inbox records so presence costs no inbox.
+    presence: Box<[PresenceShard]>,
     inbox_max: usize,
     ttl: Duration,
     dedupe_window: Duration,
@@ -86,6 +91,7 @@ impl MemoryState {
             hasher: RandomState::default(),
             groups: Mutex::new(HashMap::new()),
             revoked: Mutex::new(HashMap::new()),
+            presence: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             inbox_max: cfg.inbox_max.max(1),
             ttl: cfg.inbox_ttl,
             dedupe_window: cfg.dedupe_window,
@@ -120,6 +126,10 @@ impl MemoryState {
                     && now.duration_since(rec.touched) >= self.ttl)
             });
         }
+    }
+
+    fn presence_shard(&self, user: &str) -> &PresenceShard {
+        &self.presence[(self.hasher.hash_one(user) as usize) % SHARDS]
     }
 
     /// Users with a record, and retained entries (for the bench and metrics).
@@ -287,6 +297,59 @@ impl State for MemoryState {
 
     async fn revoked_at(&self, user: &str) -> Result<Option<i64>, StateError> {
         Ok(self.revoked.lock().get(user).copied())
+    }
+
+    async fn add_presence(&self, p: &Presence) -> Result<(), StateError> {
+        let mut shard = self.presence_shard(&p.user).lock();
+        let conns = shard.entry(p.user.clone()).or_default();
+        conns.retain(|c| c.conn != p.conn);
+        conns.push(p.clone());
+        Ok(())
+    }
+
+    async fn remove_presence(&self, user: &str, conn: &str) -> Result<(), StateError> {
+        let mut shard = self.presence_shard(user).lock();
+        if let Some(conns) = shard.get_mut(user) {
+            conns.retain(|c| c.conn != conn);
+            if conns.is_empty() {
+                shard.remove(user);
+            }
+        }
+        Ok(())
+    }
+
+    async fn presence(&self, user: &str) -> Result<Vec<Presence>, StateError> {
+        Ok(self
+            .presence_shard(user)
+            .lock()
+            .get(user)
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    async fn routes(&self, user: &str) -> Result<Vec<String>, StateError> {
+        let mut instances: Vec<String> = self
+            .presence(user)
+            .await?
+            .into_iter()
+            .map(|p| p.instance)
+            .collect();
+        instances.sort_unstable();
+        instances.dedup();
+        Ok(instances)
+    }
+
+    async fn remove_instance(&self, instance: &str) -> Result<usize, StateError> {
+        let mut removed = 0;
+        for shard in self.presence.iter() {
+            shard.lock().retain(|_, conns| {
+                let before = conns.len();
+                conns.retain(|c| c.instance != instance);
+                removed += before - conns.len();
+                !conns.is_empty()
+            });
+        }
+        Ok(removed)
     }
 
     async fn ping(&self) -> Result<(), StateError> {

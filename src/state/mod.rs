@@ -80,6 +80,19 @@ pub enum GroupOp {
     Remove,
 }
 
+/// One connection, as presence records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presence {
+    pub user: String,
+    /// Unique per connection (the session id).
+    pub conn: String,
+    pub device: String,
+    pub platform: String,
+    pub transport: String,
+    pub instance: String,
+    pub connected_at_ms: i64,
+}
+
 #[async_trait::async_trait]
 pub trait State: Send + Sync + 'static {
     /// Backend name for metrics labels: "memory" or "redis".
@@ -124,6 +137,22 @@ pub trait State: Send + Sync + 'static {
 
     /// The latest revocation time of `user`, if any.
     async fn revoked_at(&self, user: &str) -> Result<Option<i64>, StateError>;
+
+    /// Record a connection: the user is online, and reachable on its instance.
+    async fn add_presence(&self, p: &Presence) -> Result<(), StateError>;
+
+    /// Forget a connection (no-op when unknown).
+    async fn remove_presence(&self, user: &str, conn: &str) -> Result<(), StateError>;
+
+    /// The user's connections on every instance.
+    async fn presence(&self, user: &str) -> Result<Vec<Presence>, StateError>;
+
+    /// The instances holding connections of `user` (each once): where to route a push.
+    async fn routes(&self, user: &str) -> Result<Vec<String>, StateError>;
+
+    /// Forget every connection of an instance (after its drain, or when it died); returns
+    /// how many.
+    async fn remove_instance(&self, instance: &str) -> Result<usize, StateError>;
 
     /// Whether the store answers (feeds `imgate_state_up`).
     async fn ping(&self) -> Result<(), StateError>;

@@ -50,6 +50,12 @@ async fn drain_kicks_everyone_4101_and_exits() {
     }
     let ops = gw.ops;
     let running = gw.running.take().unwrap();
+    let state = running.gw.state.clone();
+    assert_eq!(
+        state.presence("u0").await.unwrap().len(),
+        1,
+        "connections are in presence"
+    );
     let drain = tokio::spawn(running.drain());
     // Not ready while draining.
     let (status, _) = tokio::time::timeout(WAIT, async {
