@@ -6,16 +6,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::delivery::{Delivery, OutMessage};
+use crate::hub::ConnInfo;
 use crate::protocol::{Reply, SendFrame};
-
-/// Who sent a frame, as the upstream sees it.
-#[derive(Debug, Clone, Default)]
-pub struct Sender {
-    pub user: String,
-    pub device: String,
-    pub platform: String,
-    pub session: String,
-}
 
 pub enum Upstream {
     /// Dev default: a `send` is a durable push to its addressee (fast, answered inline).
@@ -27,7 +19,7 @@ pub enum Upstream {
 
 impl Upstream {
     /// Handle one `send`; always produces the one `reply` the client is owed.
-    pub async fn handle(&self, from: &Sender, send: SendFrame) -> Reply {
+    pub async fn handle(&self, from: &ConnInfo, send: SendFrame) -> Reply {
         match self {
             Upstream::Relay(delivery) => relay(delivery, from, send).await,
             Upstream::Grpc(business) => business.handle(from, send).await,
@@ -35,7 +27,7 @@ impl Upstream {
     }
 }
 
-async fn relay(delivery: &Delivery, from: &Sender, send: SendFrame) -> Reply {
+async fn relay(delivery: &Delivery, from: &ConnInfo, send: SendFrame) -> Reply {
     let msg = OutMessage {
         id: String::new(),
         from: from.user.clone(),

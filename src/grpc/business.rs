@@ -10,9 +10,9 @@ use tracing::{debug, warn};
 
 use super::pb::business_client::BusinessClient;
 use super::pb::{ClientMessage, StatusChange, StatusChangeBatch};
+use crate::hub::ConnInfo;
 use crate::ops::metrics;
 use crate::protocol::{Reply, SendFrame};
-use crate::upstream::Sender;
 
 /// A lazily connected channel: it connects on first use and reconnects with backoff by
 /// itself, so a backend that is down at start or restarts is picked up again.
@@ -42,7 +42,7 @@ impl BusinessUpstream {
 
     /// One `send`, under `upstream.timeout`. A down or slow backend gives the client
     /// `upstream_unavailable`; the connection stays up.
-    pub async fn handle(&self, from: &Sender, send: SendFrame) -> Reply {
+    pub async fn handle(&self, from: &ConnInfo, send: SendFrame) -> Reply {
         let req = ClientMessage {
             user_id: from.user.clone(),
             device_id: from.device.clone(),
@@ -176,7 +176,7 @@ async fn run(mut client: BusinessClient<Channel>, mut rx: mpsc::Receiver<StatusC
 }
 
 /// Presence change record for a connection.
-pub fn change(info: &crate::hub::ConnInfo, instance: &str, online: bool) -> StatusChange {
+pub fn change(info: &ConnInfo, instance: &str, online: bool) -> StatusChange {
     StatusChange {
         user_id: info.user.clone(),
         device_id: info.device.clone(),

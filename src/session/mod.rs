@@ -22,7 +22,7 @@ use crate::ops::metrics;
 use crate::protocol::{ClientFrame, CloseCode, Codec, DecodeError, Reply, ServerFrame, Welcome};
 use crate::state::StateError;
 use crate::transport::{Inbound, Session, SessionError, Transport};
-use crate::upstream::{Sender, Upstream};
+use crate::upstream::Upstream;
 
 use rate::{RateLimiter, Verdict};
 use sync::Sync;
@@ -128,7 +128,7 @@ struct UpstreamWorker {
 }
 
 impl UpstreamWorker {
-    fn spawn(gw: &Arc<Gateway>, sender: &Sender) -> UpstreamWorker {
+    fn spawn(gw: &Arc<Gateway>, sender: &Arc<ConnInfo>) -> UpstreamWorker {
         let (sends, mut rx) = mpsc::channel(SENDS_IN_FLIGHT);
         let (tx, replies) = mpsc::channel(SENDS_IN_FLIGHT);
         let (gw, sender) = (gw.clone(), sender.clone());
@@ -300,20 +300,7 @@ impl<S: Session> Conn<S> {
         if let Some(status) = &gw.status {
             status.notify(crate::grpc::business::change(&info, &gw.instance_id, true));
         }
-        let presence = crate::state::Presence {
-            user: info.user.clone(),
-            conn: info.session.clone(),
-            device: info.device.clone(),
-            platform: info.platform.clone(),
-            transport: info.transport.as_str().into(),
-            instance: gw.instance_id.clone(),
-            connected_at_ms: info.connected_at_ms,
-        };
-        // Presence is for routing and status queries: a store hiccup does not refuse the session.
-        match gw.state.add_presence(&presence).await {
-            Ok(()) => self.presence = Some(info.clone()),
-            Err(e) => debug!(error = %e, "presence not recorded"),
-        }
+        Box::pin(self.add_presence(&info)).await;
         self.control = Some(control.clone());
         if gw.is_draining() {
             return End::kick(CloseCode::Draining);
@@ -324,12 +311,14 @@ impl<S: Session> Conn<S> {
             Ok(sync) => sync,
             Err(end) => return end,
         };
-        let sender = Sender {
-            user: info.user.clone(),
-            device: info.device.clone(),
-            platform: info.platform.clone(),
-            session: info.session.clone(),
-        };
+        if let Err(end) = self.flush().await {
+            return end;
+        }
+        // The welcome and the first replay batch are the largest burst most connections
+        // get: do not keep their buffers for the connection's whole life.
+        self.out = Vec::new();
+        self.out_types = Vec::new();
+        self.out_pushes = Vec::new();
         let batch = gw.cfg.sessions.write_batch.max(1);
         let mut items: Vec<Arc<PushItem>> = Vec::new();
 
@@ -351,7 +340,7 @@ impl<S: Session> Conn<S> {
                     }
                 }
                 r = self.session.recv() => match r {
-                    Ok(inbound) => self.on_inbound(inbound, &mut sync, &info, &identity, &sender).await,
+                    Ok(inbound) => self.on_inbound(inbound, &mut sync, &info, &identity).await,
                     Err(e) => Err(End::from(e)),
                 },
                 Some(reply) = next_reply(&mut self.upstream) => {
@@ -377,6 +366,24 @@ impl<S: Session> Conn<S> {
             }
         }
         end
+    }
+
+    /// Record the connection in presence. A store hiccup does not refuse the session:
+    /// presence serves routing and status queries.
+    async fn add_presence(&mut self, info: &Arc<ConnInfo>) {
+        let presence = crate::state::Presence {
+            user: info.user.clone(),
+            conn: info.session.clone(),
+            device: info.device.clone(),
+            platform: info.platform.clone(),
+            transport: info.transport.as_str().into(),
+            instance: self.gw.instance_id.clone(),
+            connected_at_ms: info.connected_at_ms,
+        };
+        match self.gw.state.add_presence(&presence).await {
+            Ok(()) => self.presence = Some(info.clone()),
+            Err(e) => debug!(error = %e, "presence not recorded"),
+        }
     }
 
     async fn welcome(
@@ -583,9 +590,8 @@ impl<S: Session> Conn<S> {
         &mut self,
         inbound: Option<Inbound>,
         sync: &mut Sync,
-        info: &ConnInfo,
+        info: &Arc<ConnInfo>,
         identity: &Identity,
-        sender: &Sender,
     ) -> Result<(), End> {
         let Some(data) = self.inbound_frame(inbound)? else {
             return Ok(());
@@ -623,14 +629,14 @@ impl<S: Session> Conn<S> {
             }),
             ClientFrame::Send(send) => match &self.gw.upstream {
                 Upstream::Relay(_) => {
-                    let reply = Box::pin(self.gw.upstream.handle(sender, send)).await;
+                    let reply = Box::pin(self.gw.upstream.handle(info, send)).await;
                     self.queue(ServerFrame::Reply(reply));
                 }
                 Upstream::Grpc(_) => {
                     let gw = &self.gw;
                     let worker = self
                         .upstream
-                        .get_or_insert_with(|| UpstreamWorker::spawn(gw, sender));
+                        .get_or_insert_with(|| UpstreamWorker::spawn(gw, info));
                     if let Err(e) = worker.sends.try_send(send) {
                         let id = match e {
                             mpsc::error::TrySendError::Full(s)

@@ -301,7 +301,10 @@ impl State for MemoryState {
 
     async fn add_presence(&self, p: &Presence) -> Result<(), StateError> {
         let mut shard = self.presence_shard(&p.user).lock();
-        let conns = shard.entry(p.user.clone()).or_default();
+        // Most users have one connection: do not let Vec's growth reserve four.
+        let conns = shard
+            .entry(p.user.clone())
+            .or_insert_with(|| Vec::with_capacity(1));
         conns.retain(|c| c.conn != p.conn);
         conns.push(p.clone());
         Ok(())

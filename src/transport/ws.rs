@@ -15,11 +15,11 @@ use super::{Inbound, Session, SessionError, Transport};
 /// How long a close waits for the client's close frame before dropping the socket.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
-/// Small buffers: tungstenite's 128 KiB defaults cost ~90 KB per idle connection. Reads
-/// grow the buffer only while a large frame is in flight.
+/// Small buffers: tungstenite's 128 KiB defaults cost ~90 KB per idle connection. The read
+/// buffer starts at 512 bytes and grows only while a larger frame is in flight.
 pub fn config(max_frame: usize) -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(1024)
+        .read_buffer_size(512)
         .write_buffer_size(8 * 1024)
         .max_write_buffer_size(max_frame.max(64 * 1024) * 4)
         .max_message_size(Some(max_frame))
