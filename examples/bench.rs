@@ -158,11 +158,19 @@ async fn pin() -> Option<[u8; 32]> {
 fn main() {
     // BENCH_THREADS sets the load generator's worker threads (default 2). It shares the cores
     // with the gateway; one thread cannot drive `chat` at 10k messages per second.
-    let threads: usize = std::env::var("BENCH_THREADS").ok().and_then(|t| t.parse().ok()).unwrap_or(2);
+    let threads: usize = std::env::var("BENCH_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(2);
     let rt = if threads <= 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
     } else {
-        tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
     };
     rt.expect("runtime").block_on(run());
 }
@@ -207,16 +215,7 @@ async fn idle(o: &Opts, pid: u32, pin: Option<[u8; 32]>) {
     )
     .await;
     let before = rss_kib(pid);
-    let mut conns = Vec::with_capacity(o.conns);
-    for chunk in (0..o.conns).collect::<Vec<_>>().chunks(500) {
-        let batch = futures_util::future::join_all(
-            chunk
-                .iter()
-                .map(|i| connect_owned(format!("u{i}"), o.tls, pin)),
-        )
-        .await;
-        conns.extend(batch);
-    }
+    let conns = connect_many(o, pin).await; // held open while measuring
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = rss_kib(pid);
     let per = (after - before) as f64 / o.conns as f64;
@@ -228,7 +227,7 @@ async fn idle(o: &Opts, pid: u32, pin: Option<[u8; 32]>) {
         after,
         per
     );
-    drop(warm);
+    drop((warm, conns));
 }
 
 async fn connect_owned(user: String, tls: bool, pin: Option<[u8; 32]>) -> Ws {
@@ -374,14 +373,8 @@ async fn receivers(
     lat: Arc<parking_lot::Mutex<Vec<u64>>>,
     start: Instant,
 ) {
-    for chunk in (0..o.conns).collect::<Vec<_>>().chunks(500) {
-        let batch = futures_util::future::join_all(
-            chunk
-                .iter()
-                .map(|i| connect_owned(format!("u{i}"), o.tls, pin)),
-        )
-        .await;
-        for ws in batch {
+    {
+        for ws in connect_many(o, pin).await {
             let (received, lat) = (received.clone(), lat.clone());
             tokio::spawn(async move {
                 let (mut tx, mut rx) = ws.split();
@@ -540,10 +533,29 @@ async fn gateway_delivery_p99() -> Option<f64> {
         .filter(|l| l.starts_with("imgate_push_delivery_seconds_bucket{"))
         .filter_map(|l| {
             let le = l.split("le=\"").nth(1)?.split('"').next()?;
-            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
             Some((le, l.rsplit(' ').next()?.parse().ok()?))
         })
         .collect();
     let total = buckets.last()?.1;
-    buckets.iter().find(|(_, n)| *n >= total * 0.99).map(|(le, _)| *le)
+    buckets
+        .iter()
+        .find(|(_, n)| *n >= total * 0.99)
+        .map(|(le, _)| *le)
+}
+
+/// `--conns` clients u0, u1, … connected 500 at a time.
+async fn connect_many(o: &Opts, pin: Option<[u8; 32]>) -> Vec<Ws> {
+    let mut conns = Vec::with_capacity(o.conns);
+    for chunk in (0..o.conns).collect::<Vec<_>>().chunks(500) {
+        let batch = chunk
+            .iter()
+            .map(|i| connect_owned(format!("u{i}"), o.tls, pin));
+        conns.extend(futures_util::future::join_all(batch).await);
+    }
+    conns
 }

@@ -160,10 +160,11 @@ async fn forwarded_for_is_ignored_from_untrusted_peers() {
         .unwrap();
     first.expect("welcome").await;
     // A spoofed header does not buy a new slot: the peer address counts.
-    assert!(gw
-        .connect(Kind::Ws, &q, &[("x-forwarded-for", "203.0.113.9")])
-        .await
-        .is_err());
+    assert_eq!(
+        gw.refused(Kind::Ws, &q, &[("x-forwarded-for", "203.0.113.9")])
+            .await,
+        429
+    );
 }
 
 #[tokio::test]
@@ -203,10 +204,11 @@ async fn dev_allows_localhost_origins_only() {
         .await
         .unwrap();
     ok.expect("welcome").await;
-    assert!(gw
-        .connect(Kind::Ws, &q, &[("origin", "https://evil.example")])
-        .await
-        .is_err());
+    assert_eq!(
+        gw.refused(Kind::Ws, &q, &[("origin", "https://evil.example")])
+            .await,
+        403
+    );
 }
 
 /// A client that completes the handshake and then neither reads nor writes: it answers no
