@@ -379,6 +379,10 @@ async fn receivers(
             tokio::spawn(async move {
                 let (mut tx, mut rx) = ws.split();
                 let mut held = 0u64;
+                let ack_every: u64 = std::env::var("BENCH_ACK_EVERY")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(32);
                 while let Some(Ok(Message::Text(t))) = rx.next().await {
                     if !t.starts_with("{\"type\":\"push\"") {
                         continue;
@@ -390,7 +394,7 @@ async fn receivers(
                     received.fetch_add(1, Ordering::Relaxed);
                     // Acks are cumulative: a client acks every so often, not every push.
                     held += 1;
-                    if held % 32 == 0 {
+                    if held % ack_every == 0 {
                         let ack = format!(
                             "{{\"type\":\"ack\",\"seq\":{},\"epoch\":{}}}",
                             field(&t, "\"seq\":"),
@@ -414,6 +418,7 @@ async fn push(o: &Opts, pin: Option<[u8; 32]>) {
     let conns = o.conns;
     let deadline = Instant::now() + Duration::from_secs(o.secs);
     let sent = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
     let t0 = Instant::now();
     match o.mode.as_str() {
         "push-unary" => {
@@ -466,24 +471,35 @@ async fn push(o: &Opts, pin: Option<[u8; 32]>) {
             feeder.await.unwrap();
         }
         _ => {
-            let mut api = api().await;
+            // A few connections and a bounded number of calls in flight, as a real pusher.
+            let mut apis = Vec::new();
+            for _ in 0..std::env::var("BENCH_CHANNELS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(4)
+            {
+                apis.push(api().await);
+            }
+            let in_flight = Arc::new(tokio::sync::Semaphore::new(512));
             let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / o.rate as f64));
             let mut i = 0usize;
             while Instant::now() < deadline {
                 tick.tick().await;
+                let permit = in_flight.clone().acquire_owned().await.unwrap();
                 let body = (start.elapsed().as_nanos() as u64).to_string();
-                let mut api = api.clone();
-                let sent = sent.clone();
+                let mut api = apis[i % apis.len()].clone();
+                let (sent, failed) = (sent.clone(), failed.clone());
                 let user = format!("u{}", i % conns);
                 tokio::spawn(async move {
-                    api.push_to_user(push_req(user, body)).await.unwrap();
-                    sent.fetch_add(1, Ordering::Relaxed);
+                    match api.push_to_user(push_req(user, body)).await {
+                        Ok(_) => sent.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                    drop(permit);
                 });
                 i += 1;
             }
-            api.get_stats(imgate::grpc::pb::GetStatsRequest {})
-                .await
-                .unwrap();
+            let _ = in_flight.acquire_many(512).await;
         }
     }
     let elapsed = t0.elapsed().as_secs_f64();
@@ -493,17 +509,24 @@ async fn push(o: &Opts, pin: Option<[u8; 32]>) {
     while received.load(Ordering::Relaxed) < target && settle.elapsed() < Duration::from_secs(10) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    if let Some(p99) = gateway_delivery_p99().await {
+        println!(
+            "gateway's own share (push accepted -> written): p99 <= {:.3} ms",
+            p99 * 1e3
+        );
+    }
     let mut l = lat.lock().clone();
     l.sort_unstable();
     let q = |p: f64| quantile_ms(&l, p);
     println!(
-        "{} to {} {} clients: {} pushes in {:.1} s = {:.0}/s; {} received{}",
+        "{} to {} {} clients: {} pushes in {:.1} s = {:.0}/s ({} failed); {} received{}",
         o.mode,
         conns,
         if o.tls { "wss" } else { "ws" },
         target,
         elapsed,
         target as f64 / elapsed,
+        failed.load(Ordering::Relaxed),
         received.load(Ordering::Relaxed),
         if o.mode == "push-latency" {
             format!(
