@@ -191,6 +191,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         }
         _ => None,
     };
+    if !cfg.listen.webtransport.is_empty() {
+        warn!("listen.webtransport is set, but this build has no WebTransport listener yet: clients use WebSocket");
+    }
     let grpc = bind(&cfg.listen.grpc, "grpc").await?;
     let ops = bind(&cfg.listen.ops, "ops").await?;
     let addrs = BoundAddrs {
