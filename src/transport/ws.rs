@@ -12,6 +12,21 @@ use tokio_tungstenite::WebSocketStream;
 
 use super::{Inbound, Session, SessionError, Transport};
 
+/// A close frame's reason fits in a control frame's 125 bytes with the code.
+const MAX_CLOSE_REASON: usize = 123;
+
+/// `s` cut to at most `max` bytes at a character boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// How long a close waits for the client's close frame before dropping the socket.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
@@ -110,7 +125,7 @@ where
     async fn close(&mut self, code: u16, reason: &str) {
         let frame = CloseFrame {
             code: WsCloseCode::from(code),
-            reason: reason.into(),
+            reason: truncate(reason, MAX_CLOSE_REASON).into(),
         };
         if self.ws.close(Some(frame)).await.is_err() {
             return;
@@ -120,5 +135,18 @@ where
             while let Some(Ok(_)) = self.ws.next().await {}
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::truncate;
+
+    #[test]
+    fn close_reasons_fit_a_control_frame() {
+        assert_eq!(truncate("short", 123), "short");
+        let long = "é".repeat(100); // 200 bytes
+        let cut = truncate(&long, 123);
+        assert!(cut.len() <= 123 && cut.chars().all(|c| c == 'é'));
     }
 }
