@@ -35,6 +35,7 @@ pub struct Config {
     pub tls: TlsConfig,
     pub sessions: SessionsConfig,
     pub limits: LimitsConfig,
+    pub quic: QuicConfig,
     pub net: NetConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
@@ -200,6 +201,24 @@ pub struct LimitsConfig {
     pub max_batch_users: usize,
 }
 
+/// WebTransport's QUIC transport. Keep-alive and idle timeout follow `sessions.heartbeat` and
+/// `sessions.idle_timeout`; the handshake is bounded by `limits.handshake_timeout`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuicConfig {
+    /// Bidirectional streams a client may have open at once, counting the session's CONNECT
+    /// stream and the control stream; streams beyond the control stream are stopped and counted.
+    pub max_streams: u32,
+    /// Bytes a client may have in flight to the gateway on the control stream.
+    pub stream_window: u32,
+    /// Bytes a client may have in flight to the gateway over the whole connection.
+    pub receive_window: u32,
+    /// Bytes the gateway keeps unacknowledged toward one client.
+    pub send_window: u64,
+    /// Bytes of datagrams buffered per session, each way; excess datagrams are dropped.
+    pub datagram_buffer: usize,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct NetConfig {
@@ -244,6 +263,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             sessions: SessionsConfig::default(),
             limits: LimitsConfig::default(),
+            quic: QuicConfig::default(),
             net: NetConfig::default(),
             shutdown: ShutdownConfig::default(),
             log: LogConfig::default(),
@@ -332,6 +352,18 @@ impl Default for LimitsConfig {
             rate_close_after: Duration::from_secs(10),
             max_push_body: 64 * 1024,
             max_batch_users: 10_000,
+        }
+    }
+}
+
+impl Default for QuicConfig {
+    fn default() -> Self {
+        QuicConfig {
+            max_streams: 4,
+            stream_window: 128 * 1024,
+            receive_window: 256 * 1024,
+            send_window: 512 * 1024,
+            datagram_buffer: 4 * 1024,
         }
     }
 }
@@ -540,6 +572,10 @@ impl Config {
             ("limits.rate_per_sec", self.limits.rate_per_sec as usize),
             ("limits.rate_burst", self.limits.rate_burst as usize),
             ("auth.cache_max_entries", self.auth.cache_max_entries),
+            ("quic.stream_window", self.quic.stream_window as usize),
+            ("quic.receive_window", self.quic.receive_window as usize),
+            ("quic.send_window", self.quic.send_window as usize),
+            ("quic.datagram_buffer", self.quic.datagram_buffer),
         ] {
             if n == 0 {
                 return Err(invalid(key, "must be greater than 0"));
@@ -560,6 +596,12 @@ impl Config {
             return Err(invalid(
                 "sessions.idle_timeout",
                 "must be longer than sessions.heartbeat",
+            ));
+        }
+        if self.quic.max_streams < 2 {
+            return Err(invalid(
+                "quic.max_streams",
+                "at least 2 (the session's CONNECT stream and the control stream)",
             ));
         }
         if self.limits.max_frame > 16 * 1024 * 1024 {

@@ -103,6 +103,7 @@ impl Gateway {
 pub struct BoundAddrs {
     pub http: Option<SocketAddr>,
     pub https: Option<SocketAddr>,
+    pub webtransport: Option<SocketAddr>,
     pub grpc: Option<SocketAddr>,
     pub ops: Option<SocketAddr>,
 }
@@ -191,14 +192,26 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         }
         _ => None,
     };
-    if !cfg.listen.webtransport.is_empty() {
-        warn!("listen.webtransport is set, but this build has no WebTransport listener yet: clients use WebSocket");
-    }
+    let webtransport = match (
+        &certs,
+        crate::config::ListenConfig::addr(&cfg.listen.webtransport),
+    ) {
+        (Some(certs), Some(addr)) => Some(
+            crate::transport::wt::bind(&cfg, certs, addr)
+                .with_context(|| format!("cannot bind listen.webtransport on {addr} (UDP)"))?,
+        ),
+        (None, Some(_)) => {
+            warn!("listen.webtransport is set but no TLS certificate is configured: WebTransport disabled");
+            None
+        }
+        _ => None,
+    };
     let grpc = bind(&cfg.listen.grpc, "grpc").await?;
     let ops = bind(&cfg.listen.ops, "ops").await?;
     let addrs = BoundAddrs {
         http: http.as_ref().and_then(|l| l.local_addr().ok()),
         https: https.as_ref().and_then(|l| l.local_addr().ok()),
+        webtransport: webtransport.as_ref().and_then(|e| e.local_addr().ok()),
         grpc: grpc.as_ref().and_then(|l| l.local_addr().ok()),
         ops: ops.as_ref().and_then(|l| l.local_addr().ok()),
     };
@@ -243,6 +256,13 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             Transport::Wss,
         ));
     }
+    if let Some(endpoint) = webtransport {
+        background.spawn(crate::transport::wt::serve(
+            gw.clone(),
+            endpoint,
+            stop_background.clone(),
+        ));
+    }
     if let Some(l) = grpc {
         background.spawn(crate::grpc::server::serve(
             gw.clone(),
@@ -264,7 +284,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     metrics::draining(false);
     info!(
         instance = %gw.instance_id,
-        http = ?addrs.http, https = ?addrs.https, grpc = ?addrs.grpc, ops = ?addrs.ops,
+        http = ?addrs.http, https = ?addrs.https, webtransport = ?addrs.webtransport, grpc = ?addrs.grpc, ops = ?addrs.ops,
         profile = ?gw.cfg.profile,
         "imgate started"
     );
@@ -361,6 +381,7 @@ pub struct Limits {
     unauth: Arc<Semaphore>,
     per_ip: Mutex<HashMap<IpAddr, u32>>,
     max_per_ip: u32,
+    max_connections: usize,
 }
 
 /// Why a handshake was refused before the upgrade.
@@ -419,7 +440,13 @@ impl Limits {
             unauth: Arc::new(Semaphore::new(cfg.limits.max_unauthenticated)),
             per_ip: Mutex::new(HashMap::new()),
             max_per_ip: cfg.limits.max_per_ip as u32,
+            max_connections: cfg.limits.max_connections,
         }
+    }
+
+    /// Sessions holding a slot: open or in their handshake.
+    pub fn open(&self) -> usize {
+        self.max_connections - self.node.available_permits()
     }
 
     /// Take the slots a new session needs; `unauthenticated`: it will wait for an `auth` frame.

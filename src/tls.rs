@@ -181,7 +181,6 @@ pub struct CertStore {
     current: ArcSwap<CertIdentity>,
     next: ArcSwapOption<CertIdentity>,
     files: Option<(String, String)>,
-    generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for CertStore {
@@ -196,7 +195,6 @@ impl CertStore {
             current: ArcSwap::from_pointee(identity),
             next: ArcSwapOption::empty(),
             files,
-            generation: tokio::sync::watch::channel(0).0,
         }
     }
 
@@ -216,11 +214,6 @@ impl CertStore {
 
     pub fn current(&self) -> Arc<CertIdentity> {
         self.current.load_full()
-    }
-
-    /// Bumped at every switch (the WebTransport endpoint reloads its config on it).
-    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.generation.subscribe()
     }
 
     /// A server config that always presents the current identity.
@@ -245,10 +238,16 @@ impl CertStore {
         doc
     }
 
+    /// Serve a freshly generated identity at once: a forced rotation. Open sessions keep the
+    /// certificate they were established with; new handshakes get the new one.
+    pub fn rotate_now(&self) -> anyhow::Result<()> {
+        self.switch_to(Arc::new(CertIdentity::generate_dev(SystemTime::now())?));
+        Ok(())
+    }
+
     fn switch_to(&self, identity: Arc<CertIdentity>) {
         self.current.store(identity);
         self.next.store(None);
-        self.generation.send_modify(|g| *g += 1);
     }
 
     /// One maintenance step at `now`: rotation for generated identities.

@@ -67,7 +67,7 @@ pub const STATE_OPS: [&str; 11] = [
 ];
 pub const STATE_BACKENDS: [&str; 2] = ["memory", "redis"];
 pub const CLUSTER_DIRECTIONS: [&str; 2] = ["in", "out"];
-pub const REJECT_REASONS: [&str; 8] = [
+pub const REJECT_REASONS: [&str; 10] = [
     "node_limit",
     "ip_limit",
     "unauth_limit",
@@ -76,7 +76,11 @@ pub const REJECT_REASONS: [&str; 8] = [
     "bad_request",
     "unauthorized",
     "draining",
+    "not_found",
+    "no_control_stream",
 ];
+/// Why a WebTransport datagram was not answered.
+pub const DATAGRAM_DROPS: [&str; 2] = ["rate", "invalid"];
 
 /// Latency buckets from 100 µs to 10 s.
 const LATENCY_BUCKETS: [f64; 16] = [
@@ -182,6 +186,10 @@ fn describe() {
         "WebTransport datagrams, by direction"
     );
     describe_counter!(
+        "imgate_webtransport_datagrams_dropped_total",
+        "WebTransport datagrams not answered: over the rate limit or not a ping"
+    );
+    describe_counter!(
         "imgate_status_changes_dropped_total",
         "Presence changes dropped while the backend was away"
     );
@@ -242,6 +250,9 @@ fn touch() {
     gauge!("imgate_instances").set(1.0);
     gauge!("imgate_draining").set(0.0);
     counter!("imgate_webtransport_streams_refused_total").absolute(0);
+    for r in DATAGRAM_DROPS {
+        counter!("imgate_webtransport_datagrams_dropped_total", "reason" => r).absolute(0);
+    }
     counter!("imgate_status_changes_dropped_total").absolute(0);
 }
 
@@ -341,6 +352,18 @@ pub fn instances(n: usize) {
 
 pub fn status_change_dropped(n: u64) {
     counter!("imgate_status_changes_dropped_total").increment(n);
+}
+
+pub fn wt_stream_refused() {
+    counter!("imgate_webtransport_streams_refused_total").increment(1);
+}
+
+pub fn wt_datagram(direction: &'static str) {
+    counter!("imgate_webtransport_datagrams_total", "direction" => direction).increment(1);
+}
+
+pub fn wt_datagram_dropped(reason: &'static str) {
+    counter!("imgate_webtransport_datagrams_dropped_total", "reason" => reason).increment(1);
 }
 
 pub fn draining(on: bool) {

@@ -4,6 +4,7 @@
 pub mod http;
 pub mod proxy;
 pub mod ws;
+pub mod wt;
 
 use std::future::Future;
 

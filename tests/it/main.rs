@@ -10,3 +10,4 @@ mod limits;
 mod ops;
 mod policy;
 mod python;
+mod webtransport;

@@ -45,7 +45,10 @@ async fn health_and_readiness() {
 async fn drain_kicks_everyone_4101_and_exits() {
     let mut gw = TestGateway::with(|c| c.shutdown.drain_window = Duration::from_millis(500)).await;
     let mut clients = Vec::new();
-    for (i, kind) in [Kind::Ws, Kind::Wss, Kind::Ws].into_iter().enumerate() {
+    for (i, kind) in [Kind::Ws, Kind::Wss, Kind::Wt, Kind::Ws]
+        .into_iter()
+        .enumerate()
+    {
         clients.push(gw.login(kind, &format!("u{i}"), "d").await);
     }
     let ops = gw.ops;

@@ -1,0 +1,483 @@
+//! WebTransport sessions (HTTP/3 over QUIC, wtransport): the UDP listener, the session
+//! handshake and the control stream of SPEC §3.
+//!
+//! A session carries one client-opened bidirectional stream, the control stream, on which
+//! every frame travels as a 4-byte big-endian length and the encoded frame. Streams beyond it
+//! are stopped and counted; a datagram holds one `ping`, answered with a `pong` datagram here,
+//! below the core (datagrams do not count for liveness, SPEC §3).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+use wtransport::endpoint::endpoint_side::Server;
+use wtransport::endpoint::IncomingSession;
+use wtransport::quinn;
+use wtransport::{Connection, Endpoint, RecvStream, SendStream, VarInt};
+
+use super::{Inbound, Session, SessionError, Transport};
+use crate::auth::handshake::{self, HandshakeError, TokenSource};
+use crate::config::Config;
+use crate::gateway::Gateway;
+use crate::ops::metrics;
+use crate::protocol::{ClientFrame, Codec, ServerFrame};
+use crate::session::rate::{RateLimiter, Verdict};
+use crate::session::{self, Admission};
+use crate::tls::CertStore;
+
+/// The path WebTransport sessions are served on.
+pub const PATH: &str = "/wt";
+/// The length prefix of a control-stream frame.
+const PREFIX: usize = 4;
+/// How long a close waits for the client to close the session after `kick`.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+/// The stream error code used when refusing extra streams.
+const STREAM_REFUSED: u32 = 0;
+
+/// The QUIC endpoint config: TLS 1.3 with the certificate store's current identity (so a
+/// rotation applies to new sessions without touching open ones), and transport limits from
+/// `[quic]` and `[sessions]`.
+pub fn server_config(cfg: &Config, certs: &Arc<CertStore>) -> anyhow::Result<quinn::ServerConfig> {
+    crate::tls::install_crypto_provider();
+    let mut tls = rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+        .with_no_client_auth()
+        .with_cert_resolver(certs.clone());
+    tls.alpn_protocols = vec![wtransport::tls::WEBTRANSPORT_ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+
+    let q = &cfg.quic;
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(q.max_streams.into())
+        // HTTP/3 needs three unidirectional streams of the client's (control, QPACK encoder
+        // and decoder); WebTransport ones beyond are refused like extra bidirectional streams.
+        .max_concurrent_uni_streams(4u32.into())
+        .stream_receive_window(q.stream_window.into())
+        .receive_window(q.receive_window.into())
+        .send_window(q.send_window)
+        .datagram_receive_buffer_size(Some(q.datagram_buffer))
+        .datagram_send_buffer_size(q.datagram_buffer)
+        .keep_alive_interval(Some(cfg.sessions.heartbeat))
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(cfg.sessions.idle_timeout)
+                .map_err(|_| anyhow::anyhow!("sessions.idle_timeout is too long for QUIC"))?,
+        ));
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(Arc::new(transport));
+    Ok(server)
+}
+
+/// Bind the WebTransport endpoint on `addr`.
+pub fn bind(
+    cfg: &Config,
+    certs: &Arc<CertStore>,
+    addr: SocketAddr,
+) -> anyhow::Result<Endpoint<Server>> {
+    let config = wtransport::ServerConfig::builder()
+        .with_bind_address(addr)
+        .build_with_quic_config(server_config(cfg, certs)?);
+    Ok(Endpoint::server(config)?)
+}
+
+/// Accept sessions until `stop` (after the drain). Each gets its own task at once, so a slow
+/// handshake never holds up the accept loop. While draining, new sessions are refused and the
+/// endpoint stays up for the sessions being drained (closing it would cut them off).
+pub async fn serve(gw: Arc<Gateway>, endpoint: Endpoint<Server>, stop: CancellationToken) {
+    loop {
+        let incoming = tokio::select! {
+            _ = stop.cancelled() => break,
+            i = endpoint.accept() => i,
+        };
+        if gw.is_draining() {
+            metrics::rejected("draining");
+            incoming.refuse();
+            continue;
+        }
+        let gw2 = gw.clone();
+        gw.sessions.spawn(handshake(gw2, incoming));
+    }
+    endpoint.close(VarInt::from_u32(0), b"shutdown");
+    // Let the close reach the clients still connected (a shutdown timeout) before exiting.
+    let _ = tokio::time::timeout(CLOSE_WAIT, endpoint.wait_idle()).await;
+}
+
+/// Why a session request is refused. wtransport can answer only 403, 404 or 429.
+enum Refusal {
+    Forbidden(&'static str),
+    NotFound,
+    TooMany(&'static str),
+}
+
+async fn handshake(gw: Arc<Gateway>, incoming: IncomingSession) {
+    let peer = incoming.remote_address();
+    let limit = gw.cfg.limits.handshake_timeout;
+    let request = match tokio::time::timeout(limit, incoming).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            debug!(error = %e, %peer, "WebTransport handshake failed");
+            return;
+        }
+        Err(_) => {
+            metrics::rejected("handshake_timeout");
+            return;
+        }
+    };
+    let (path, query) = match request.path().split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (request.path(), None),
+    };
+    let headers = header_map(request.headers());
+    let admitted = if path != PATH {
+        Err(Refusal::NotFound)
+    } else {
+        admit(&gw, &headers, request.origin(), query, peer).await
+    };
+    let adm = match admitted {
+        Ok(adm) => adm,
+        Err(refusal) => {
+            // The answer is bounded too: a client that never reads it costs a timer.
+            let answer = async {
+                match refusal {
+                    Refusal::NotFound => {
+                        metrics::rejected("not_found");
+                        request.not_found().await
+                    }
+                    Refusal::Forbidden(reason) => {
+                        metrics::rejected(reason);
+                        request.forbidden().await
+                    }
+                    Refusal::TooMany(reason) => {
+                        metrics::rejected(reason);
+                        request.too_many_requests().await
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(limit, answer).await;
+            return;
+        }
+    };
+    let conn = match tokio::time::timeout(limit, request.accept()).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            debug!(error = %e, "WebTransport session not established");
+            return;
+        }
+        Err(_) => {
+            metrics::rejected("handshake_timeout");
+            return;
+        }
+    };
+    // The control stream: the client's first bidirectional stream, announced by its first
+    // write (SPEC §3). A session that never opens one is closed with 4102.
+    let opened = tokio::select! {
+        _ = gw.shutdown.cancelled() => Err(crate::protocol::codes::CloseCode::Draining),
+        r = tokio::time::timeout(gw.cfg.auth.auth_timeout, conn.accept_bi()) => match r {
+            Ok(Ok(streams)) => Ok(streams),
+            Ok(Err(e)) => {
+                debug!(error = %e, "WebTransport session ended before its control stream");
+                return;
+            }
+            Err(_) => {
+                metrics::rejected("no_control_stream");
+                Err(crate::protocol::codes::CloseCode::Timeout)
+            }
+        },
+    };
+    match opened {
+        Ok((send, recv)) => {
+            let session = WtSession::new(conn, send, recv, &gw.cfg, adm.params.codec);
+            session::run(gw, session, adm).await;
+        }
+        Err(code) => {
+            conn.close(VarInt::from_u32(code.code().into()), b"no control stream");
+            let _ = tokio::time::timeout(CLOSE_WAIT, conn.closed()).await;
+        }
+    }
+}
+
+/// The checks a WebSocket upgrade gets, with WebTransport's answers: origin, parameters,
+/// a token in the `Authorization` header (refused with 403: there is no 401 here), limits.
+async fn admit(
+    gw: &Arc<Gateway>,
+    headers: &HeaderMap,
+    origin: Option<&str>,
+    query: Option<&str>,
+    peer: SocketAddr,
+) -> Result<Admission, Refusal> {
+    if gw.is_draining() {
+        return Err(Refusal::TooMany("draining"));
+    }
+    if !gw.origins.allows(origin) {
+        return Err(Refusal::Forbidden("origin"));
+    }
+    let ip = handshake::client_ip(peer.ip(), headers, &gw.trusted);
+    let mut params = match handshake::parse(headers, query) {
+        Ok(p) => p,
+        Err(HandshakeError::BadAuthorization) => return Err(Refusal::Forbidden("unauthorized")),
+        Err(HandshakeError::BadRequest(m)) => {
+            debug!(error = %m, "bad WebTransport request");
+            return Err(Refusal::Forbidden("bad_request"));
+        }
+    };
+    let token = params.token.take();
+    let permits = gw
+        .limits
+        .admit(ip, token.is_none())
+        .map_err(|r| Refusal::TooMany(r.reason()))?;
+    let handshake_auth = match token {
+        None => None,
+        Some((token, source)) => {
+            let result = gw.auth.authenticate(&token).await;
+            if source == TokenSource::Header && result.is_err() {
+                return Err(Refusal::Forbidden("unauthorized"));
+            }
+            Some(result)
+        }
+    };
+    Ok(Admission {
+        params,
+        ip,
+        handshake_auth,
+        permits,
+    })
+}
+
+/// wtransport hands headers over as strings; the handshake parser reads an `http` map.
+/// Pseudo-headers (`:path`, …) are not valid names and are left out.
+fn header_map(headers: &std::collections::HashMap<String, String>) -> HeaderMap {
+    headers
+        .iter()
+        .filter_map(|(k, v)| {
+            Some((
+                HeaderName::from_bytes(k.as_bytes()).ok()?,
+                HeaderValue::from_str(v).ok()?,
+            ))
+        })
+        .collect()
+}
+
+pub struct WtSession {
+    conn: Connection,
+    send: SendStream,
+    recv: RecvStream,
+    /// Control-stream bytes read but not yet a whole frame.
+    buf: BytesMut,
+    /// Bytes of an earlier `send` not yet taken by quinn: that send was cancelled (a close
+    /// request while the client did not read). They go out first, so no frame is ever cut.
+    pending: Vec<Bytes>,
+    max_frame: usize,
+    codec: Codec,
+    /// Datagram pings answered per second (the inbound frame rate).
+    datagrams: RateLimiter,
+}
+
+impl WtSession {
+    pub fn new(
+        conn: Connection,
+        send: SendStream,
+        recv: RecvStream,
+        cfg: &Config,
+        codec: Codec,
+    ) -> WtSession {
+        WtSession {
+            conn,
+            send,
+            recv,
+            buf: BytesMut::new(),
+            pending: Vec::new(),
+            max_frame: cfg.limits.max_frame,
+            codec,
+            datagrams: RateLimiter::new(
+                cfg.limits.rate_per_sec,
+                cfg.limits.rate_burst,
+                Duration::MAX,
+                Instant::now(),
+            ),
+        }
+    }
+
+    /// Answer a `ping` datagram with a `pong` datagram.
+    fn datagram(&mut self, payload: &[u8]) {
+        metrics::wt_datagram("in");
+        if self.datagrams.check(Instant::now()) != Verdict::Allow {
+            metrics::wt_datagram_dropped("rate");
+            return;
+        }
+        let id = match self.codec.decode(payload) {
+            Ok(ClientFrame::Ping { id }) => id,
+            _ => {
+                metrics::wt_datagram_dropped("invalid");
+                return;
+            }
+        };
+        let pong = self.codec.encode(&ServerFrame::Pong {
+            id,
+            ts: crate::now_ms(),
+        });
+        if self.conn.send_datagram(pong).is_ok() {
+            metrics::wt_datagram("out");
+        }
+    }
+}
+
+/// Take one whole frame off the front of `buf`, if there is one.
+fn take_frame(buf: &mut BytesMut, max_frame: usize) -> Result<Option<Bytes>, SessionError> {
+    if buf.len() < PREFIX {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if len > max_frame {
+        return Err(SessionError::TooLarge);
+    }
+    if buf.len() < PREFIX + len {
+        // Make room for the rest once, instead of growing chunk by chunk.
+        buf.reserve(PREFIX + len - buf.len());
+        return Ok(None);
+    }
+    buf.advance(PREFIX);
+    let frame = buf.split_to(len).freeze();
+    if buf.is_empty() {
+        // An idle session keeps no read buffer.
+        *buf = BytesMut::new();
+    }
+    Ok(Some(frame))
+}
+
+fn write_err(e: quinn::WriteError) -> SessionError {
+    SessionError::Io(e.to_string())
+}
+
+impl Session for WtSession {
+    fn transport(&self) -> Transport {
+        Transport::Wt
+    }
+
+    async fn recv(&mut self) -> Result<Option<Inbound>, SessionError> {
+        loop {
+            if let Some(frame) = take_frame(&mut self.buf, self.max_frame)? {
+                return Ok(Some(Inbound::Frame(frame)));
+            }
+            // Every branch is cancel-safe: a chunk, stream or datagram not yet returned
+            // stays queued in quinn or wtransport.
+            tokio::select! {
+                chunk = self.recv.quic_stream_mut().read_chunk(usize::MAX, true) => match chunk {
+                    Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
+                    Ok(None) if self.buf.is_empty() => return Ok(None),
+                    Ok(None) => {
+                        return Err(SessionError::Protocol("control stream ended inside a frame".into()))
+                    }
+                    Err(quinn::ReadError::ConnectionLost(_)) => return Ok(None),
+                    Err(e) => return Err(SessionError::Io(e.to_string())),
+                },
+                streams = self.conn.accept_bi() => match streams {
+                    Ok((mut send, recv)) => {
+                        metrics::wt_stream_refused();
+                        let _ = send.reset(VarInt::from_u32(STREAM_REFUSED));
+                        recv.stop(VarInt::from_u32(STREAM_REFUSED));
+                    }
+                    Err(_) => return Ok(None),
+                },
+                stream = self.conn.accept_uni() => match stream {
+                    Ok(recv) => {
+                        metrics::wt_stream_refused();
+                        recv.stop(VarInt::from_u32(STREAM_REFUSED));
+                    }
+                    Err(_) => return Ok(None),
+                },
+                datagram = self.conn.receive_datagram() => match datagram {
+                    Ok(d) => self.datagram(d.payload().as_ref()),
+                    Err(_) => return Ok(None),
+                },
+            }
+        }
+    }
+
+    async fn send(&mut self, frames: &[Bytes]) -> Result<(), SessionError> {
+        let len: usize = frames.iter().map(|f| PREFIX + f.len()).sum();
+        let mut out = BytesMut::with_capacity(len);
+        for f in frames {
+            out.put_u32(f.len() as u32);
+            out.extend_from_slice(f);
+        }
+        self.pending.push(out.freeze());
+        // Handed to quinn without another copy. `write_chunks` is cancel-safe and leaves what
+        // it did not take in `pending`.
+        while !self.pending.is_empty() {
+            let written = self
+                .send
+                .quic_stream_mut()
+                .write_chunks(&mut self.pending)
+                .await
+                .map_err(write_err)?;
+            self.pending.drain(..written.chunks);
+        }
+        self.pending = Vec::new();
+        Ok(())
+    }
+
+    /// QUIC keeps the path alive itself (`keep_alive_interval`).
+    async fn ping(&mut self) -> Result<(), SessionError> {
+        Ok(())
+    }
+
+    async fn close(&mut self, code: u16, reason: &str) {
+        // SPEC §4: `kick` was written; finish the control stream, give the client up to a
+        // second to close the session itself, then close with the code.
+        let _ = self.send.quic_stream_mut().finish();
+        let _ = tokio::time::timeout(CLOSE_WAIT, self.conn.closed()).await;
+        self.conn
+            .close(VarInt::from_u32(code.into()), reason.as_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn framed(payloads: &[&[u8]]) -> BytesMut {
+        let mut b = BytesMut::new();
+        for p in payloads {
+            b.put_u32(p.len() as u32);
+            b.extend_from_slice(p);
+        }
+        b
+    }
+
+    #[test]
+    fn frames_are_split_on_their_length_prefix() {
+        let mut b = framed(&[b"{\"type\":\"ping\"}", b"", b"abc"]);
+        assert_eq!(
+            take_frame(&mut b, 64).unwrap().unwrap(),
+            "{\"type\":\"ping\"}"
+        );
+        assert_eq!(take_frame(&mut b, 64).unwrap().unwrap(), "");
+        assert_eq!(take_frame(&mut b, 64).unwrap().unwrap(), "abc");
+        assert_eq!(take_frame(&mut b, 64).unwrap(), None);
+    }
+
+    #[test]
+    fn partial_frames_wait_for_more() {
+        let whole = framed(&[b"hello"]);
+        let mut b = BytesMut::from(&whole[..2]);
+        assert_eq!(take_frame(&mut b, 64).unwrap(), None);
+        b.extend_from_slice(&whole[2..6]);
+        assert_eq!(take_frame(&mut b, 64).unwrap(), None);
+        b.extend_from_slice(&whole[6..]);
+        assert_eq!(take_frame(&mut b, 64).unwrap().unwrap(), "hello");
+    }
+
+    #[test]
+    fn a_length_over_max_frame_is_refused_before_the_body_arrives() {
+        let mut b = BytesMut::new();
+        b.put_u32(65);
+        assert!(matches!(
+            take_frame(&mut b, 64),
+            Err(SessionError::TooLarge)
+        ));
+    }
+}
