@@ -41,6 +41,8 @@ pub struct Gateway {
     /// Presence changes for the business backend (`upstream.mode = "grpc"`).
     pub status: Option<crate::grpc::business::StatusNotifier>,
     pub certs: Option<Arc<CertStore>>,
+    /// The UDP port WebTransport sessions are served on (the demo page points browsers at it).
+    pub webtransport_port: Option<u16>,
     pub limits: Arc<Limits>,
     pub trusted: TrustedProxies,
     pub origins: OriginPolicy,
@@ -226,6 +228,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         upstream,
         status,
         certs,
+        webtransport_port: addrs.webtransport.map(|a| a.port()),
         limits,
         trusted,
         origins,

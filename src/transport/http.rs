@@ -132,14 +132,27 @@ async fn route(
         "/" => respond(
             StatusCode::OK,
             "text/html; charset=utf-8",
-            INDEX.to_string(),
+            demo_page(gw.webtransport_port),
+        ),
+        "/favicon.ico" => respond(StatusCode::NO_CONTENT, "image/x-icon", String::new()),
+        "/imgate.js" => respond(
+            StatusCode::OK,
+            "text/javascript; charset=utf-8",
+            CLIENT_JS.to_string(),
         ),
         _ => plain(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
 
-const INDEX: &str = "<!doctype html><meta charset=utf-8><title>imgate</title>\
-<p>imgate is running. Connect a WebSocket client to <code>/ws</code>; see the README for a tour.</p>";
+/// The demo page and the browser client it is built on (clients/js/), served as they are.
+const DEMO_HTML: &str = include_str!("../../clients/js/demo.html");
+const CLIENT_JS: &str = include_str!("../../clients/js/imgate.js");
+
+/// The demo page, told which UDP port WebTransport listens on (none: WebSocket only).
+fn demo_page(webtransport_port: Option<u16>) -> String {
+    let port = webtransport_port.map(|p| p.to_string()).unwrap_or_default();
+    DEMO_HTML.replace("{{WEBTRANSPORT_PORT}}", &port)
+}
 
 fn plain(status: StatusCode, body: &'static str) -> Response<Body> {
     respond(status, "text/plain; charset=utf-8", body.to_string())

@@ -88,6 +88,28 @@ async fn drain_kicks_everyone_4101_and_exits() {
 }
 
 #[tokio::test]
+async fn demo_page_and_client_library() {
+    let gw = TestGateway::start().await;
+    let (s, page) = gw.http_get(gw.http, "/").await;
+    assert_eq!(s, 200);
+    let port = gw.wt.unwrap().port();
+    assert!(
+        page.contains(&format!(
+            "name=\"imgate-webtransport-port\" content=\"{port}\""
+        )),
+        "the page names the WebTransport port"
+    );
+    assert!(page.contains("from \"/imgate.js\""));
+    let (s, js) = gw.http_get(gw.http, "/imgate.js").await;
+    assert_eq!(s, 200);
+    assert!(js.contains("export class ImgateClient"));
+    // Without a WebTransport listener the page leaves the port empty: WebSocket only.
+    let ws_only = TestGateway::with(|c| c.listen.webtransport = String::new()).await;
+    let (_, page) = ws_only.http_get(ws_only.http, "/").await;
+    assert!(page.contains("name=\"imgate-webtransport-port\" content=\"\""));
+}
+
+#[tokio::test]
 async fn cert_hash_and_dev_token() {
     let gw = TestGateway::start().await;
     let (s, body) = gw.http_get(gw.http, "/cert-hash").await;
