@@ -10,6 +10,9 @@
 //! `push-unary`: durable `PushToUser` calls (64 in flight) to `--conns` connected clients.
 //! `push-stream`: durable pushes over one `PushStream` to `--conns` connected clients.
 //! `push-latency`: `PushToUser` at `--rate`; push accepted → client receive latency.
+//! `wt-idle`: gateway RSS growth per idle authenticated WebTransport session.
+//! `wt-connect`: WebTransport sessions established per second (QUIC + TLS + auth + welcome),
+//! `--inflight` at a time (default 100).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -30,6 +33,8 @@ struct Opts {
     gateway: String,
     /// An already running gateway (e.g. under a profiler) instead of starting one.
     pid: Option<u32>,
+    /// Handshakes in flight at once (`wt-connect`).
+    inflight: usize,
 }
 
 fn opts() -> Opts {
@@ -41,6 +46,7 @@ fn opts() -> Opts {
         tls: false,
         gateway: "target/release/imgate".into(),
         pid: None,
+        inflight: 100,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -52,6 +58,7 @@ fn opts() -> Opts {
             "--tls" => o.tls = true,
             "--gateway" => o.gateway = v(),
             "--pid" => o.pid = Some(v().parse().unwrap()),
+            "--inflight" => o.inflight = v().parse().unwrap(),
             m if o.mode.is_empty() => o.mode = m.to_string(),
             other => panic!("unknown argument {other}"),
         }
@@ -63,6 +70,7 @@ const HTTP: &str = "127.0.0.1:18080";
 const HTTPS: &str = "127.0.0.1:18443";
 const OPS: &str = "127.0.0.1:19090";
 const GRPC: &str = "127.0.0.1:15051";
+const WT: &str = "127.0.0.1:14433";
 
 fn rss_kib(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -91,7 +99,7 @@ fn start_gateway(o: &Opts) -> std::process::Child {
         .env("IMGATE__LISTEN__HTTPS", HTTPS)
         .env("IMGATE__LISTEN__OPS", OPS)
         .env("IMGATE__LISTEN__GRPC", GRPC)
-        .env("IMGATE__LISTEN__WEBTRANSPORT", "")
+        .env("IMGATE__LISTEN__WEBTRANSPORT", WT)
         .env("IMGATE__LIMITS__MAX_PER_IP", "1000000")
         .env("IMGATE__LIMITS__MAX_CONNECTIONS", "1000000")
         .env("IMGATE__LIMITS__RATE_PER_SEC", "100000")
@@ -200,7 +208,11 @@ async fn run() {
         "idle" => idle(&o, pid, pin).await,
         "chat" => chat(&o, pin).await,
         "push-unary" | "push-stream" | "push-latency" => push(&o, pin).await,
-        m => eprintln!("unknown mode {m:?}: idle | chat"),
+        "wt-idle" => wt::idle(&o, pid, pin.expect("cert")).await,
+        "wt-connect" => wt::connect_rate(&o, pin.expect("cert")).await,
+        m => eprintln!(
+            "unknown mode {m:?}: idle | chat | push-unary | push-stream | push-latency | wt-idle | wt-connect"
+        ),
     }
     if let Some(mut child) = child.take() {
         let _ = child.kill();
@@ -581,4 +593,157 @@ async fn connect_many(o: &Opts, pin: Option<[u8; 32]>) -> Vec<Ws> {
         conns.extend(futures_util::future::join_all(batch).await);
     }
     conns
+}
+
+/// WebTransport clients (wtransport), a few UDP endpoints shared by all sessions.
+mod wt {
+    use super::*;
+    use wtransport::{ClientConfig, Connection, Endpoint};
+
+    pub struct Session {
+        _conn: Connection,
+        _send: wtransport::SendStream,
+        _recv: wtransport::RecvStream,
+    }
+
+    pub fn endpoints(
+        n: usize,
+        pin: [u8; 32],
+    ) -> Vec<Endpoint<wtransport::endpoint::endpoint_side::Client>> {
+        (0..n)
+            .map(|_| {
+                let cfg = ClientConfig::builder()
+                    .with_bind_default()
+                    .with_server_certificate_hashes([wtransport::tls::Sha256Digest::new(pin)])
+                    .build();
+                Endpoint::client(cfg).unwrap()
+            })
+            .collect()
+    }
+
+    /// Open a session as `user`, announce the control stream with a `ping`, and read until
+    /// `synced` (welcome, then synced).
+    pub async fn connect(
+        ep: &Endpoint<wtransport::endpoint::endpoint_side::Client>,
+        user: &str,
+    ) -> Result<Session, String> {
+        let t = imgate::auth::jwt::issue_hs256(
+            imgate::config::DEV_JWT_SECRET,
+            user,
+            Some("bench"),
+            None,
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+        let conn = ep
+            .connect(format!("https://{WT}/wt?token={t}"))
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        let ping = br#"{"type":"ping"}"#;
+        let mut frame = (ping.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(ping);
+        send.write_all(&frame).await.map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 2048];
+        loop {
+            let n = recv
+                .read(&mut chunk)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("control stream closed")?;
+            buf.extend_from_slice(&chunk[..n]);
+            let mut at = 0;
+            while buf.len() >= at + 4 {
+                let len = u32::from_be_bytes(buf[at..at + 4].try_into().unwrap()) as usize;
+                if buf.len() < at + 4 + len {
+                    break;
+                }
+                if std::str::from_utf8(&buf[at + 4..at + 4 + len])
+                    .is_ok_and(|f| f.contains(r#""type":"synced""#))
+                {
+                    return Ok(Session {
+                        _conn: conn,
+                        _send: send,
+                        _recv: recv,
+                    });
+                }
+                at += 4 + len;
+            }
+            buf.drain(..at);
+        }
+    }
+
+    /// `--conns` sessions, `--inflight` handshakes at a time; users named `prefix0`, ….
+    pub async fn connect_many(o: &Opts, pin: [u8; 32], prefix: &str) -> (Vec<Session>, Duration) {
+        let eps = Arc::new(endpoints(4, pin));
+        let next = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let workers = (0..o.inflight.max(1)).map(|_| {
+            let (eps, next) = (eps.clone(), next.clone());
+            let (total, prefix) = (o.conns as u64, prefix.to_string());
+            tokio::spawn(async move {
+                let mut mine = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= total {
+                        return mine;
+                    }
+                    let ep = &eps[i as usize % eps.len()];
+                    match connect(ep, &format!("{prefix}{i}")).await {
+                        Ok(s) => mine.push(s),
+                        Err(e) => eprintln!("session {i} failed: {e}"),
+                    }
+                }
+            })
+        });
+        let mut all = Vec::with_capacity(o.conns);
+        for w in futures_util::future::join_all(workers).await {
+            all.extend(w.unwrap());
+        }
+        (all, started.elapsed())
+    }
+
+    pub async fn idle(o: &Opts, pid: u32, pin: [u8; 32]) {
+        let warm = connect_many(
+            &Opts {
+                conns: 100,
+                mode: String::new(),
+                gateway: String::new(),
+                pid: None,
+                ..*o
+            },
+            pin,
+            "w",
+        )
+        .await;
+        let before = rss_kib(pid);
+        let (sessions, _) = connect_many(o, pin, "u").await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = rss_kib(pid);
+        println!(
+            "idle wt: {} sessions, gateway RSS {} KiB -> {} KiB: {:.2} KiB per session",
+            o.conns,
+            before,
+            after,
+            (after - before) as f64 / o.conns as f64
+        );
+        drop((warm, sessions));
+    }
+
+    pub async fn connect_rate(o: &Opts, pin: [u8; 32]) {
+        let (sessions, took) = connect_many(o, pin, "c").await;
+        println!(
+            "wt-connect: {} sessions (QUIC + TLS + auth + welcome) in {:.2} s with {} in flight: {:.0} sessions/s",
+            sessions.len(),
+            took.as_secs_f64(),
+            o.inflight,
+            sessions.len() as f64 / took.as_secs_f64()
+        );
+    }
 }
