@@ -113,18 +113,27 @@ enum Refusal {
     TooMany(&'static str),
 }
 
+/// One session from its first packet to its end. The handshake runs boxed and is freed once
+/// done, so an open session's task holds only the session.
 async fn handshake(gw: Arc<Gateway>, incoming: IncomingSession) {
+    if let Some((session, adm)) = Box::pin(establish(&gw, incoming)).await {
+        session::run(gw, session, adm).await;
+    }
+}
+
+/// QUIC and TLS, the session request and its checks, then the control stream.
+async fn establish(gw: &Arc<Gateway>, incoming: IncomingSession) -> Option<(WtSession, Admission)> {
     let peer = incoming.remote_address();
     let limit = gw.cfg.limits.handshake_timeout;
     let request = match tokio::time::timeout(limit, incoming).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             debug!(error = %e, %peer, "WebTransport handshake failed");
-            return;
+            return None;
         }
         Err(_) => {
             metrics::rejected("handshake_timeout");
-            return;
+            return None;
         }
     };
     let (path, query) = match request.path().split_once('?') {
@@ -135,7 +144,7 @@ async fn handshake(gw: Arc<Gateway>, incoming: IncomingSession) {
     let admitted = if path != PATH {
         Err(Refusal::NotFound)
     } else {
-        admit(&gw, &headers, request.origin(), query, peer).await
+        admit(gw, &headers, request.origin(), query, peer).await
     };
     let adm = match admitted {
         Ok(adm) => adm,
@@ -158,18 +167,18 @@ async fn handshake(gw: Arc<Gateway>, incoming: IncomingSession) {
                 }
             };
             let _ = tokio::time::timeout(limit, answer).await;
-            return;
+            return None;
         }
     };
     let conn = match tokio::time::timeout(limit, request.accept()).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             debug!(error = %e, "WebTransport session not established");
-            return;
+            return None;
         }
         Err(_) => {
             metrics::rejected("handshake_timeout");
-            return;
+            return None;
         }
     };
     // The control stream: the client's first bidirectional stream, announced by its first
@@ -180,7 +189,7 @@ async fn handshake(gw: Arc<Gateway>, incoming: IncomingSession) {
             Ok(Ok(streams)) => Ok(streams),
             Ok(Err(e)) => {
                 debug!(error = %e, "WebTransport session ended before its control stream");
-                return;
+                return None;
             }
             Err(_) => {
                 metrics::rejected("no_control_stream");
@@ -191,11 +200,12 @@ async fn handshake(gw: Arc<Gateway>, incoming: IncomingSession) {
     match opened {
         Ok((send, recv)) => {
             let session = WtSession::new(conn, send, recv, &gw.cfg, adm.params.codec);
-            session::run(gw, session, adm).await;
+            Some((session, adm))
         }
         Err(code) => {
             conn.close(VarInt::from_u32(code.code().into()), b"no control stream");
             let _ = tokio::time::timeout(CLOSE_WAIT, conn.closed()).await;
+            None
         }
     }
 }
