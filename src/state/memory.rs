@@ -5,6 +5,7 @@
 //! dedupe window. A retained entry costs about 400 bytes with a 64-byte body and a 31-byte
 //! id, dedupe included (`cargo run --release --example state_bench`).
 
+use bytes::Bytes;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::BuildHasher;
 
@@ -175,7 +176,10 @@ impl State for MemoryState {
                     id: msg.id,
                     from: msg.from,
                     kind: msg.kind,
-                    body: msg.body,
+                    // A body decoded from a request is a slice of the connection's read
+                    // buffer: kept as is, one small entry would pin kilobytes of it for the
+                    // inbox's lifetime. Stored entries own their bytes.
+                    body: Bytes::copy_from_slice(&msg.body),
                     ts_ms: msg.ts_ms,
                 },
                 at: now,
