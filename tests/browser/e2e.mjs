@@ -52,6 +52,10 @@ async function startGateway() {
     IMGATE__LISTEN__OPS: `127.0.0.1:${ops}`,
     IMGATE__LISTEN__WEBTRANSPORT: `127.0.0.1:${wt}`,
     IMGATE__LOG__LEVEL: "warn",
+    // Low enough that a page can provoke 4104 in a test, high enough for everything else.
+    IMGATE__LIMITS__RATE_PER_SEC: "40",
+    IMGATE__LIMITS__RATE_BURST: "40",
+    IMGATE__LIMITS__RATE_CLOSE_AFTER: "500ms",
   };
   const proc = spawn(BIN, ["serve"], { env, stdio: ["ignore", "inherit", "inherit"] });
   const exited = new Promise((_, reject) => proc.once("exit", (code) => reject(new Error(`imgate exited with ${code}`))));
@@ -195,6 +199,79 @@ test("a reload during a WebSocket session resumes the same way", async ({ contex
   await waitForText(bob, "three");
   assertEqual(await transportOf(bob), "webtransport", "bob's transport after the switch");
   assertEqual((await received(bob)).map((m) => m.text), ["two", "three"], "bob's messages");
+});
+
+test("41xx reconnects by itself; 45xx stops", async ({ context, base }) => {
+  const page = await openDemo(context, base, "user=rita&peer=rita");
+  // Record every status change, then flood pings until the server closes with 4104.
+  await page.evaluate(() => {
+    window.statuses = [];
+    window.imgate.addEventListener("status", (e) => window.statuses.push({ state: e.detail.state, code: e.detail.code }));
+    window.flood = setInterval(() => {
+      for (let i = 0; i < 10; i++) window.imgate.write({ type: "ping" });
+    }, 10);
+  });
+  await page.waitForFunction(() => window.statuses.some((s) => s.state === "reconnecting" && s.code === 4104), null, { timeout: WAIT, polling: 50 });
+  await page.evaluate(() => clearInterval(window.flood));
+  await page.waitForFunction(() => window.statuses.at(-1)?.state === "open", null, { timeout: WAIT, polling: 50 });
+
+  // A refused token (4500) is final: no reconnect.
+  const end = await page.evaluate(async (wsUrl) => {
+    const { ImgateClient } = await import("/imgate.js");
+    const c = new ImgateClient({ webSocketUrl: wsUrl, token: "not-a-token", transports: ["websocket"], minDelayMs: 10, maxDelayMs: 20 });
+    const states = [];
+    const closed = new Promise((resolve) => c.addEventListener("status", (e) => {
+      states.push(e.detail.state);
+      if (e.detail.state === "closed") resolve(e.detail.code);
+    }));
+    c.connect();
+    const code = await closed;
+    // Stopped for good: no reconnect is scheduled.
+    return { code, states, stopped: c.stopped, scheduled: c.timer !== null };
+  }, base.replace("http", "ws") + "/ws");
+  assertEqual(end, { code: 4500, states: ["connecting", "closed"], stopped: true, scheduled: false }, "a client with a bad token");
+});
+
+test("4501 with a token callback refreshes and reconnects", async ({ context, base }) => {
+  const page = await context.newPage();
+  await page.goto(`${base}/?user=tom`);
+  // A token that expires in 2 s, then fresh ones from /dev/token.
+  const short = await new Promise((resolve, reject) => {
+    const p = spawn(BIN, ["token", "--user", "tom", "--device", "t1", "--ttl", "2s"], { stdio: ["ignore", "pipe", "ignore"] });
+    let out = "";
+    p.stdout.on("data", (d) => (out += d));
+    p.once("exit", (code) => (code === 0 ? resolve(out.trim()) : reject(new Error(`imgate token exited ${code}`))));
+  });
+  const states = await page.evaluate(async ({ wsUrl, short }) => {
+    const { ImgateClient } = await import("/imgate.js");
+    let first = true;
+    const c = new ImgateClient({
+      webSocketUrl: wsUrl,
+      transports: ["websocket"],
+      device: "t1",
+      minDelayMs: 10,
+      maxDelayMs: 20,
+      token: async () => {
+        if (first) {
+          first = false;
+          return short;
+        }
+        return (await (await fetch("/dev/token?user=tom&device=t1")).json()).token;
+      },
+    });
+    const seen = [];
+    const reopened = new Promise((resolve) =>
+      c.addEventListener("status", (e) => {
+        seen.push(e.detail.code ? `${e.detail.state} ${e.detail.code}` : e.detail.state);
+        if (e.detail.state === "open" && seen.filter((s) => s === "open").length === 2) resolve();
+      }),
+    );
+    c.connect();
+    await reopened;
+    c.close();
+    return seen;
+  }, { wsUrl: base.replace("http", "ws") + "/ws", short });
+  assertEqual(states.slice(0, 5), ["connecting", "open", "reconnecting 4501", "connecting", "open"], "status changes");
 });
 
 async function main() {
