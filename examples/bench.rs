@@ -10,6 +10,7 @@
 //! `push-unary`: durable `PushToUser` calls (64 in flight) to `--conns` connected clients.
 //! `push-stream`: durable pushes over one `PushStream` to `--conns` connected clients.
 //! `push-latency`: `PushToUser` at `--rate`; push accepted → client receive latency.
+//! The push modes start 2 s after the last client connected (BENCH_SETTLE_MS).
 //! `wt-idle`: gateway RSS growth per idle authenticated WebTransport session.
 //! `wt-connect`: WebTransport sessions established per second (QUIC + TLS + auth + welcome),
 //! `--inflight` at a time (default 100).
@@ -443,6 +444,13 @@ async fn push(o: &Opts, pin: Option<[u8; 32]>) {
     let lat = Arc::new(parking_lot::Mutex::new(Vec::new()));
     let start = Instant::now();
     receivers(o, pin, received.clone(), lat.clone(), start).await;
+    // Measure the steady state: pushing straight into the wake of 10k connects shows a
+    // stall of ~330 ms in the first second (BENCH_SETTLE_MS=0 to see it).
+    let settle = std::env::var("BENCH_SETTLE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    tokio::time::sleep(Duration::from_millis(settle)).await;
     let conns = o.conns;
     let deadline = Instant::now() + Duration::from_secs(o.secs);
     let sent = Arc::new(AtomicU64::new(0));
