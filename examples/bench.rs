@@ -10,7 +10,7 @@
 //! `push-unary`: durable `PushToUser` calls (64 in flight) to `--conns` connected clients.
 //! `push-stream`: durable pushes over one `PushStream` to `--conns` connected clients.
 //! `push-latency`: `PushToUser` at `--rate`; push accepted → client receive latency.
-//! The push modes start 2 s after the last client connected (BENCH_SETTLE_MS).
+//! `chat` and the push modes start 2 s after the last client connected (BENCH_SETTLE_MS).
 //! `wt-idle`: gateway RSS growth per idle authenticated WebTransport session.
 //! `wt-connect`: WebTransport sessions established per second (QUIC + TLS + auth + welcome),
 //! `--inflight` at a time (default 100).
@@ -243,6 +243,14 @@ async fn idle(o: &Opts, pid: u32, pin: Option<[u8; 32]>) {
     drop((warm, conns));
 }
 
+/// How long the measuring modes wait after the last client connected (BENCH_SETTLE_MS).
+fn settle_ms() -> u64 {
+    std::env::var("BENCH_SETTLE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000)
+}
+
 async fn connect_owned(user: String, tls: bool, pin: Option<[u8; 32]>) -> Ws {
     connect(&user, tls, pin).await
 }
@@ -257,10 +265,16 @@ async fn chat(o: &Opts, pin: Option<[u8; 32]>) {
     let sent = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let epoch_ns = move || start.elapsed().as_nanos() as u64;
-    let mut tasks = Vec::new();
+    // Every client connects first; sending starts once the connects have settled.
+    let mut clients = Vec::with_capacity(pairs);
     for p in 0..pairs {
         let a = connect(&format!("a{p}"), o.tls, pin).await;
         let b = connect(&format!("b{p}"), o.tls, pin).await;
+        clients.push((p, a, b));
+    }
+    tokio::time::sleep(Duration::from_millis(settle_ms())).await;
+    let mut tasks = Vec::new();
+    for (p, a, b) in clients {
         let (lat, received, sent) = (lat.clone(), received.clone(), sent.clone());
         let secs = o.secs;
         tasks.push(tokio::spawn(async move {
@@ -446,11 +460,7 @@ async fn push(o: &Opts, pin: Option<[u8; 32]>) {
     receivers(o, pin, received.clone(), lat.clone(), start).await;
     // Measure the steady state: pushing straight into the wake of 10k connects shows a
     // stall of ~330 ms in the first second (BENCH_SETTLE_MS=0 to see it).
-    let settle = std::env::var("BENCH_SETTLE_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2000);
-    tokio::time::sleep(Duration::from_millis(settle)).await;
+    tokio::time::sleep(Duration::from_millis(settle_ms())).await;
     let conns = o.conns;
     let deadline = Instant::now() + Duration::from_secs(o.secs);
     let sent = Arc::new(AtomicU64::new(0));
