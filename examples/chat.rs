@@ -5,6 +5,7 @@
 //! ```text
 //! cargo run --example chat -- --user alice --to bob
 //! cargo run --example chat -- --user bob --to alice --tls      # over wss, certificate pinned
+//! cargo run --example chat -- --user carol --to alice --wt      # over WebTransport (QUIC)
 //! ```
 //! Type a line to send it to `--to`; `@carol hi` sends to carol; `#team hi` to group team.
 
@@ -23,7 +24,10 @@ struct Args {
     to: Option<String>,
     http: String,
     https: String,
+    /// The WebTransport listener (UDP).
+    wt_addr: String,
     tls: bool,
+    wt: bool,
 }
 
 fn args() -> Args {
@@ -33,7 +37,9 @@ fn args() -> Args {
         to: None,
         http: "127.0.0.1:8080".into(),
         https: "127.0.0.1:8443".into(),
+        wt_addr: "127.0.0.1:4433".into(),
         tls: false,
+        wt: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -48,6 +54,8 @@ fn args() -> Args {
             "--http" => a.http = val(),
             "--https" => a.https = val(),
             "--tls" => a.tls = true,
+            "--wt" => a.wt = true,
+            "--webtransport" => a.wt_addr = val(),
             other => usage(&format!("unknown argument {other}")),
         }
     }
@@ -58,7 +66,7 @@ fn args() -> Args {
 }
 
 fn usage(msg: &str) -> ! {
-    eprintln!("{msg}\nusage: chat --user U [--device D] [--to U] [--tls] [--http HOST:PORT] [--https HOST:PORT]");
+    eprintln!("{msg}\nusage: chat --user U [--device D] [--to U] [--tls | --wt] [--http HOST:PORT] [--https HOST:PORT] [--webtransport HOST:PORT]");
     std::process::exit(2)
 }
 
@@ -128,38 +136,13 @@ async fn session(a: &Args, held: &mut Held, lines: &mut Lines) -> anyhow::Result
     } else {
         format!("&since={}:{}", held.epoch, held.seq)
     };
-    let (url, addr) = if a.tls {
-        (
-            format!("wss://localhost/ws?token={token}{since}"),
-            a.https.clone(),
-        )
+    let mut link = if a.wt {
+        Link::webtransport(a, &format!("token={token}{since}")).await?
     } else {
-        (
-            format!("ws://{}/ws?token={token}{since}", a.http),
-            a.http.clone(),
-        )
+        Link::websocket(a, &format!("token={token}{since}")).await?
     };
-    let tcp = TcpStream::connect(&addr).await?;
-    let io: Box<dyn Io> = if a.tls {
-        // Pin the gateway's certificate by the hash it publishes on /cert-hash.
-        let hex = get_json(&a.http, "/cert-hash").await?["sha256_hex"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        let mut pin = [0u8; 32];
-        for (i, b) in pin.iter_mut().enumerate() {
-            *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2).unwrap_or("00"), 16)?;
-        }
-        let connector = tokio_rustls::TlsConnector::from(imgate::tls::pinned_client_config(pin));
-        Box::new(
-            connector
-                .connect(rustls::pki_types::ServerName::try_from("localhost")?, tcp)
-                .await?,
-        )
-    } else {
-        Box::new(tcp)
-    };
-    let (mut ws, _) = tokio_tungstenite::client_async(url.into_client_request()?, io).await?;
+    // WebTransport has no automatic pongs: keep the session alive with pings.
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(20));
     let mut next_id = 0u64;
     loop {
         tokio::select! {
@@ -176,26 +159,156 @@ async fn session(a: &Args, held: &mut Held, lines: &mut Lines) -> anyhow::Result
                 next_id += 1;
                 let mut frame = json!({"type": "send", "id": next_id.to_string(), "body": {"text": text}});
                 frame.as_object_mut().unwrap().extend(target.as_object().unwrap().clone());
-                ws.send(Message::Text(frame.to_string().into())).await?;
+                link.send(frame.to_string()).await?;
             }
-            msg = ws.next() => {
-                let Some(msg) = msg else { return Ok(Some(1006)) };
-                match msg? {
-                    Message::Text(t) => {
-                        let v: Value = serde_json::from_str(&t)?;
-                        if let Some(code) = show(&v, held) {
-                            return Ok(Some(code));
-                        }
-                        if v["type"] == "push" && v["seq"].is_u64() {
-                            ws.send(Message::Text(json!({"type": "ack", "seq": v["seq"], "epoch": v["epoch"]}).to_string().into())).await?;
-                        }
+            _ = heartbeat.tick(), if a.wt => link.send(json!({"type": "ping"}).to_string()).await?,
+            next = link.next() => match next? {
+                Inbound::Frame(t) => {
+                    let v: Value = serde_json::from_str(&t)?;
+                    if let Some(code) = show(&v, held) {
+                        return Ok(Some(code));
                     }
-                    Message::Close(f) => return Ok(Some(f.map(|f| u16::from(f.code)).unwrap_or(1005))),
-                    _ => {}
+                    if v["type"] == "push" && v["seq"].is_u64() {
+                        link.send(json!({"type": "ack", "seq": v["seq"], "epoch": v["epoch"]}).to_string()).await?;
+                    }
                 }
-            }
+                Inbound::Closed(code) => return Ok(Some(code)),
+            },
         }
     }
+}
+
+enum Inbound {
+    Frame(String),
+    Closed(u16),
+}
+
+/// The connection, over WebSocket or WebTransport: one protocol on both (docs/protocol.md).
+enum Link {
+    Ws(Box<tokio_tungstenite::WebSocketStream<Box<dyn Io>>>),
+    Wt {
+        conn: wtransport::Connection,
+        send: wtransport::SendStream,
+        recv: wtransport::RecvStream,
+        /// Control-stream bytes not yet a whole frame.
+        buf: Vec<u8>,
+    },
+}
+
+impl Link {
+    async fn websocket(a: &Args, query: &str) -> anyhow::Result<Link> {
+        let (url, addr) = if a.tls {
+            (format!("wss://localhost/ws?{query}"), a.https.clone())
+        } else {
+            (format!("ws://{}/ws?{query}", a.http), a.http.clone())
+        };
+        let tcp = TcpStream::connect(&addr).await?;
+        let io: Box<dyn Io> = if a.tls {
+            let connector =
+                tokio_rustls::TlsConnector::from(imgate::tls::pinned_client_config(pin(a).await?));
+            Box::new(
+                connector
+                    .connect(rustls::pki_types::ServerName::try_from("localhost")?, tcp)
+                    .await?,
+            )
+        } else {
+            Box::new(tcp)
+        };
+        let (ws, _) = tokio_tungstenite::client_async(url.into_client_request()?, io).await?;
+        Ok(Link::Ws(Box::new(ws)))
+    }
+
+    async fn webtransport(a: &Args, query: &str) -> anyhow::Result<Link> {
+        let cfg = wtransport::ClientConfig::builder()
+            .with_bind_default()
+            .with_server_certificate_hashes([wtransport::tls::Sha256Digest::new(pin(a).await?)])
+            .build();
+        let conn = wtransport::Endpoint::client(cfg)?
+            .connect(format!("https://{}/wt?{query}", a.wt_addr))
+            .await?;
+        let (send, recv) = conn.open_bi().await?.await?;
+        let mut link = Link::Wt {
+            conn,
+            send,
+            recv,
+            buf: Vec::new(),
+        };
+        // The first write announces the control stream (the token came in the URL).
+        link.send(json!({"type": "ping"}).to_string()).await?;
+        Ok(link)
+    }
+
+    async fn send(&mut self, text: String) -> anyhow::Result<()> {
+        match self {
+            Link::Ws(ws) => ws.send(Message::Text(text.into())).await?,
+            Link::Wt { send, .. } => {
+                let mut frame = (text.len() as u32).to_be_bytes().to_vec();
+                frame.extend_from_slice(text.as_bytes());
+                send.write_all(&frame).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The next frame, or the close code. Cancel-safe: unread bytes stay in `buf` or in
+    /// the stream.
+    async fn next(&mut self) -> anyhow::Result<Inbound> {
+        match self {
+            Link::Ws(ws) => loop {
+                match ws.next().await {
+                    None => return Ok(Inbound::Closed(1006)),
+                    Some(msg) => match msg? {
+                        Message::Text(t) => return Ok(Inbound::Frame(t.to_string())),
+                        Message::Close(f) => {
+                            return Ok(Inbound::Closed(
+                                f.map(|f| u16::from(f.code)).unwrap_or(1005),
+                            ))
+                        }
+                        _ => {}
+                    },
+                }
+            },
+            Link::Wt {
+                conn, recv, buf, ..
+            } => loop {
+                if buf.len() >= 4 {
+                    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+                    if buf.len() >= 4 + len {
+                        let frame = String::from_utf8(buf[4..4 + len].to_vec())?;
+                        buf.drain(..4 + len);
+                        return Ok(Inbound::Frame(frame));
+                    }
+                }
+                let mut chunk = [0u8; 4096];
+                match recv.read(&mut chunk).await {
+                    Ok(Some(n)) => buf.extend_from_slice(&chunk[..n]),
+                    // The stream ended: the session's close code says why (after `kick`).
+                    Ok(None) | Err(_) => {
+                        let code = match conn.closed().await {
+                            wtransport::error::ConnectionError::ApplicationClosed(c) => {
+                                u16::try_from(c.code().into_inner()).unwrap_or(1006)
+                            }
+                            _ => 1006,
+                        };
+                        return Ok(Inbound::Closed(code));
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// The gateway's certificate hash, as it publishes it on /cert-hash.
+async fn pin(a: &Args) -> anyhow::Result<[u8; 32]> {
+    let hex = get_json(&a.http, "/cert-hash").await?["sha256_hex"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let mut pin = [0u8; 32];
+    for (i, b) in pin.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2).unwrap_or("00"), 16)?;
+    }
+    Ok(pin)
 }
 
 /// Print a frame; returns the code of a `kick`.
