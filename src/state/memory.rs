@@ -388,6 +388,36 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn entries_do_not_pin_the_buffer_their_body_came_in() {
+        // A decoded request's body is a slice of the connection's read buffer.
+        let buffer = bytes::Bytes::from(vec![7u8; 8192]);
+        let s = MemoryState::new(&cfg());
+        s.append(
+            "u",
+            NewMessage {
+                body: buffer.slice(100..110),
+                ..msg("a")
+            },
+        )
+        .await
+        .unwrap();
+        let stored = s
+            .read_after("u", 0, 10)
+            .await
+            .unwrap()
+            .messages
+            .remove(0)
+            .body;
+        assert_eq!(stored, buffer.slice(100..110));
+        let (lo, hi) = (
+            buffer.as_ptr() as usize,
+            buffer.as_ptr() as usize + buffer.len(),
+        );
+        let at = stored.as_ptr() as usize;
+        assert!(at < lo || at >= hi, "the entry shares the 8 KiB buffer");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn entries_expire_after_the_ttl() {
         let s = MemoryState::new(&cfg());
