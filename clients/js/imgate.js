@@ -297,7 +297,6 @@ export class ImgateClient extends EventTarget {
     } catch (e) {
       return this.lost(0, `no token: ${e?.message ?? e}`);
     }
-    this.token = token;
     this.loadPosition();
     let link = null;
     for (const kind of this.candidates()) {
