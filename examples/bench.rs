@@ -114,15 +114,20 @@ trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 type Ws = tokio_tungstenite::WebSocketStream<Box<dyn Io>>;
 
-async fn connect(user: &str, tls: bool, pin: Option<[u8; 32]>) -> Ws {
-    let t = imgate::auth::jwt::issue_hs256(
+/// A dev-secret token for `user` on the device "bench".
+fn token(user: &str) -> String {
+    imgate::auth::jwt::issue_hs256(
         imgate::config::DEV_JWT_SECRET,
         user,
         Some("bench"),
         None,
         Duration::from_secs(3600),
     )
-    .unwrap();
+    .unwrap()
+}
+
+async fn connect(user: &str, tls: bool, pin: Option<[u8; 32]>) -> Ws {
+    let t = token(user);
     let (url, addr) = if tls {
         (format!("wss://localhost/ws?token={t}"), HTTPS)
     } else {
@@ -688,14 +693,7 @@ mod wt {
         ep: &Endpoint<wtransport::endpoint::endpoint_side::Client>,
         user: &str,
     ) -> Result<Session, String> {
-        let t = imgate::auth::jwt::issue_hs256(
-            imgate::config::DEV_JWT_SECRET,
-            user,
-            Some("bench"),
-            None,
-            Duration::from_secs(3600),
-        )
-        .unwrap();
+        let t = token(user);
         let conn = ep
             .connect(format!("https://{WT}/wt?token={t}"))
             .await
