@@ -148,9 +148,18 @@ async fn connect(user: &str, tls: bool, pin: Option<[u8; 32]>) -> Ws {
     } else {
         Box::new(tcp)
     };
-    let (mut ws, _) = tokio_tungstenite::client_async(url.into_client_request().unwrap(), io)
-        .await
-        .unwrap();
+    // Small buffers, as the gateway's: tungstenite's default 128 KiB read buffer, zeroed as
+    // it is used, made the load generator spend its time in page faults and memset.
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(4096);
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(
+        url.into_client_request().unwrap(),
+        io,
+        Some(config),
+    )
+    .await
+    .unwrap();
     // welcome, then synced
     for _ in 0..2 {
         ws.next().await.unwrap().unwrap();
