@@ -94,9 +94,13 @@ async function openDemo(context, base, query) {
   const page = await context.newPage();
   page.on("pageerror", (e) => console.error(`[page ${query}] ${e}`));
   await page.goto(`${base}/?${query}`);
-  await page.waitForFunction(() => document.getElementById("status").dataset.state === "open", null, { timeout: WAIT, polling: 50 });
+  await waitOpen(page);
   return page;
 }
+
+/** Wait until the demo on `page` says it is connected. */
+const waitOpen = (page) =>
+  page.waitForFunction(() => document.getElementById("status").dataset.state === "open", null, { timeout: WAIT, polling: 50 });
 
 const transportOf = (page) => page.evaluate(() => document.getElementById("status").dataset.transport);
 
@@ -173,7 +177,7 @@ test("a reloaded page receives what it missed exactly once", async ({ context, b
   for (const t of ["missed 1", "missed 2", "missed 3"]) await send(alice, "bob2", t);
   // Bob comes back on the same device (the page keeps its device and position).
   await bob.goto(`${base}/?user=bob2&peer=alice2`);
-  await bob.waitForFunction(() => document.getElementById("status").dataset.state === "open", null, { timeout: WAIT, polling: 50 });
+  await waitOpen(bob);
   await waitForText(bob, "missed 3");
   // One live message after the replay: everything before it has arrived by then.
   await send(alice, "bob2", "live");
@@ -193,7 +197,7 @@ test("a reload during a WebSocket session resumes the same way", async ({ contex
   await bob.goto("about:blank");
   await send(alice, "bob3", "two");
   await bob.goto(`${base}/?user=bob3&peer=alice3`); // auto: now over WebTransport
-  await bob.waitForFunction(() => document.getElementById("status").dataset.state === "open", null, { timeout: WAIT, polling: 50 });
+  await waitOpen(bob);
   await waitForText(bob, "two");
   await send(alice, "bob3", "three");
   await waitForText(bob, "three");

@@ -28,6 +28,12 @@ async fn metrics(gw: &TestGateway) -> String {
     gw.http_get(gw.ops, "/metrics").await.1
 }
 
+/// Wait until a counter (summed over series with these labels) reaches `min`.
+async fn metric_reaches(gw: &TestGateway, name: &str, labels: &[(&str, &str)], min: f64) {
+    crate::common::eventually_async(|| async { metric(&metrics(gw).await, name, labels) >= min })
+        .await;
+}
+
 #[tokio::test]
 async fn a_length_over_max_frame_is_4505_before_the_body() {
     let gw = TestGateway::with(|c| c.limits.max_frame = 1024).await;
@@ -84,13 +90,12 @@ async fn extra_streams_are_refused_and_counted() {
     let _ = uni.write_all(b"hello").await;
     // The session goes on.
     assert_eq!(c.ping("still here").await["id"], "still here");
-    crate::common::eventually_async(|| async {
-        metric(
-            &metrics(&gw).await,
-            "imgate_webtransport_streams_refused_total",
-            &[],
-        ) >= before + 21.0
-    })
+    metric_reaches(
+        &gw,
+        "imgate_webtransport_streams_refused_total",
+        &[],
+        before + 21.0,
+    )
     .await;
 }
 
@@ -114,13 +119,12 @@ async fn datagram_ping_gets_a_datagram_pong() {
 
     // Not a ping: dropped and counted; the session lives on.
     conn.send_datagram(b"not a frame").unwrap();
-    crate::common::eventually_async(|| async {
-        metric(
-            &metrics(&gw).await,
-            "imgate_webtransport_datagrams_dropped_total",
-            &[("reason", "invalid")],
-        ) >= 1.0
-    })
+    metric_reaches(
+        &gw,
+        "imgate_webtransport_datagrams_dropped_total",
+        &[("reason", "invalid")],
+        1.0,
+    )
     .await;
     assert_eq!(c.ping("alive").await["id"], "alive");
 }
@@ -138,13 +142,12 @@ async fn a_datagram_flood_is_dropped_over_the_rate() {
     for _ in 0..200 {
         let _ = conn.send_datagram(&ping);
     }
-    crate::common::eventually_async(|| async {
-        metric(
-            &metrics(&gw).await,
-            "imgate_webtransport_datagrams_dropped_total",
-            &[("reason", "rate")],
-        ) >= 1.0
-    })
+    metric_reaches(
+        &gw,
+        "imgate_webtransport_datagrams_dropped_total",
+        &[("reason", "rate")],
+        1.0,
+    )
     .await;
     // Datagrams do not use up the control stream's rate: frames still get answers.
     assert_eq!(c.ping("framed").await["id"], "framed");
