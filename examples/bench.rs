@@ -10,6 +10,8 @@
 //! `push-unary`: durable `PushToUser` calls (64 in flight) to `--conns` connected clients.
 //! `push-stream`: durable pushes over one `PushStream` to `--conns` connected clients.
 //! `push-latency`: `PushToUser` at `--rate`; push accepted → client receive latency.
+//! `--offline` (push-unary, push-stream): transient pushes to users nobody is connected as,
+//! which measures the gRPC path alone.
 //! `chat` and the push modes start 2 s after the last client connected (BENCH_SETTLE_MS).
 //! `wt-idle`: gateway RSS growth per idle authenticated WebTransport session.
 //! `wt-connect`: WebTransport sessions established per second (QUIC + TLS + auth + welcome),
@@ -36,6 +38,9 @@ struct Opts {
     pid: Option<u32>,
     /// Handshakes in flight at once (`wt-connect`).
     inflight: usize,
+    /// Push modes: transient pushes to users nobody is connected as, to measure the gRPC
+    /// path alone.
+    offline: bool,
 }
 
 fn opts() -> Opts {
@@ -48,6 +53,7 @@ fn opts() -> Opts {
         gateway: "target/release/imgate".into(),
         pid: None,
         inflight: 100,
+        offline: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -60,6 +66,7 @@ fn opts() -> Opts {
             "--gateway" => o.gateway = v(),
             "--pid" => o.pid = Some(v().parse().unwrap()),
             "--inflight" => o.inflight = v().parse().unwrap(),
+            "--offline" => o.offline = true,
             m if o.mode.is_empty() => o.mode = m.to_string(),
             other => panic!("unknown argument {other}"),
         }
@@ -414,6 +421,18 @@ fn push_req(user: String, body: String) -> imgate::grpc::pb::PushToUserRequest {
     }
 }
 
+/// The `i`th push of a throughput mode: durable to a connected client, or with `--offline`
+/// transient to nobody (the gRPC path alone: no inbox, no WebSocket write).
+fn nth_push(offline: bool, i: usize, conns: usize) -> imgate::grpc::pb::PushToUserRequest {
+    if offline {
+        let mut r = push_req(format!("offline{i}"), "\"x\"".into());
+        r.delivery = imgate::grpc::pb::Delivery::Transient as i32;
+        r
+    } else {
+        push_req(format!("u{}", i % conns), "\"x\"".into())
+    }
+}
+
 /// The worst push -> receive latency of the pushes sent in each second of the run: tells a
 /// stall (one bad second) from a slow path (every second bad).
 static MAX_BY_SECOND: [AtomicU64; 120] = [const { AtomicU64::new(0) }; 120];
@@ -474,7 +493,7 @@ async fn push(o: &Opts, pin: Option<[u8; 32]>) {
     receivers(o, pin, received.clone(), lat.clone(), start).await;
     // Measure the steady state, not the tail of the connection storm.
     tokio::time::sleep(Duration::from_millis(settle_ms())).await;
-    let conns = o.conns;
+    let (conns, offline) = (o.conns, o.offline);
     let deadline = Instant::now() + Duration::from_secs(o.secs);
     let sent = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
@@ -494,9 +513,7 @@ async fn push(o: &Opts, pin: Option<[u8; 32]>) {
                 tasks.push(tokio::spawn(async move {
                     let mut i = w;
                     while Instant::now() < deadline {
-                        api.push_to_user(push_req(format!("u{}", i % conns), "\"x\"".into()))
-                            .await
-                            .unwrap();
+                        api.push_to_user(nth_push(offline, i, conns)).await.unwrap();
                         sent.fetch_add(1, Ordering::Relaxed);
                         i += 64;
                     }
@@ -513,11 +530,7 @@ async fn push(o: &Opts, pin: Option<[u8; 32]>) {
                 let mut i = 0usize;
                 while Instant::now() < deadline {
                     for _ in 0..256 {
-                        if tx
-                            .send(push_req(format!("u{}", i % conns), "\"x\"".into()))
-                            .await
-                            .is_err()
-                        {
+                        if tx.send(nth_push(offline, i, conns)).await.is_err() {
                             return;
                         }
                         i += 1;
@@ -567,7 +580,10 @@ async fn push(o: &Opts, pin: Option<[u8; 32]>) {
     // Let the last pushes land.
     let target = sent.load(Ordering::Relaxed);
     let settle = Instant::now();
-    while received.load(Ordering::Relaxed) < target && settle.elapsed() < Duration::from_secs(10) {
+    while !offline
+        && received.load(Ordering::Relaxed) < target
+        && settle.elapsed() < Duration::from_secs(10)
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     if let Some(p99) = gateway_delivery_p99().await {
