@@ -77,9 +77,8 @@ impl Delivery {
                 },
             )
             .await?;
-        let online = self.hub.is_online(user);
-        let delivered = if stored.duplicate {
-            0
+        let (online, delivered) = if stored.duplicate {
+            (self.hub.is_online(user), 0)
         } else {
             let item = PushItem::new(Push {
                 id: id.clone(),
@@ -90,7 +89,8 @@ impl Delivery {
                 seq: Some(stored.seq),
                 epoch: Some(stored.epoch.clone()),
             });
-            self.hub.deliver(user, &item)
+            let delivered = self.hub.deliver(user, &item);
+            (delivered.is_some(), delivered.unwrap_or(0))
         };
         Ok(PushOutcome {
             message_id: id,
@@ -110,8 +110,8 @@ impl Delivery {
             message_id: item.push.id.clone(),
             seq: 0,
             epoch: String::new(),
-            delivered,
-            online: delivered > 0 || self.hub.is_online(user),
+            delivered: delivered.unwrap_or(0),
+            online: delivered.is_some(),
             duplicate: false,
         }
     }

@@ -6,12 +6,14 @@ use std::collections::HashMap;
 use std::hash::BuildHasher;
 
 use foldhash::fast::RandomState;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::Poll;
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, Notify};
+use futures_util::task::AtomicWaker;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::config::LoginPolicy;
@@ -63,11 +65,13 @@ pub struct ConnInfo {
     pub connected_at_ms: i64,
 }
 
-/// A request to close a connection, from outside its task.
+/// A request to close a connection, from outside its task. Only the connection's own task
+/// waits on it, so one waker slot is enough (cheaper to poll on every wake-up than a Notify).
 #[derive(Debug, Default)]
 pub struct Control {
     close: Mutex<Option<(CloseCode, String)>>,
-    notify: Notify,
+    requested: AtomicBool,
+    waker: AtomicWaker,
 }
 
 impl Control {
@@ -77,19 +81,25 @@ impl Control {
         if slot.is_none() {
             *slot = Some((code, reason.to_string()));
             drop(slot);
-            self.notify.notify_one();
+            self.requested.store(true, Ordering::Release);
+            self.waker.wake();
         }
     }
 
-    /// Resolves once a close was requested. Cancel-safe: a request made while nobody
-    /// waits is kept (Notify stores the permit).
+    /// Resolves once a close was requested. Cancel-safe: a request made while nobody waits
+    /// is kept.
     pub async fn requested(&self) -> (CloseCode, String) {
-        loop {
-            if let Some(req) = self.close.lock().clone() {
-                return req;
+        std::future::poll_fn(|cx| {
+            if !self.requested.load(Ordering::Acquire) {
+                self.waker.register(cx.waker());
+                // A request between the check and the registration woke nobody.
+                if !self.requested.load(Ordering::Acquire) {
+                    return Poll::Pending;
+                }
             }
-            self.notify.notified().await;
-        }
+            Poll::Ready(self.close.lock().clone().expect("set before the flag"))
+        })
+        .await
     }
 }
 
@@ -213,13 +223,13 @@ impl Hub {
         }
     }
 
-    /// Queue a push to every connection of `user`; returns how many took it.
-    pub fn deliver(&self, user: &str, item: &Arc<PushItem>) -> u32 {
+    /// Queue a push to every connection of `user`: how many took it, or `None` when the
+    /// user has no connection here (one lookup answers both, on the push path).
+    pub fn deliver(&self, user: &str, item: &Arc<PushItem>) -> Option<u32> {
         let shard = self.shard(user).lock();
         shard
             .get(user)
             .map(|conns| conns.iter().filter(|c| c.offer(item)).count() as u32)
-            .unwrap_or(0)
     }
 
     /// Queue a push to every connection on this instance.
