@@ -7,7 +7,8 @@
 //! ```
 //! `idle`: gateway RSS growth per idle authenticated connection.
 //! `chat`: relay chat between pairs of clients at a total rate; send → receive latency.
-//! `push-unary`: durable `PushToUser` calls (64 in flight) to `--conns` connected clients.
+//! `push-unary`: durable `PushToUser` calls to `--conns` connected clients, BENCH_CALLS in
+//! flight (default 64) over BENCH_CHANNELS HTTP/2 connections (default 4).
 //! `push-stream`: durable pushes over one `PushStream` to `--conns` connected clients.
 //! `push-latency`: `PushToUser` at `--rate`; push accepted → client receive latency.
 //! `--offline` (push-unary, push-stream): transient pushes to users nobody is connected as,
@@ -500,14 +501,18 @@ async fn push(o: &Opts, pin: Option<[u8; 32]>) {
     let t0 = Instant::now();
     match o.mode.as_str() {
         "push-unary" => {
-            // 64 calls in flight over a few HTTP/2 connections (BENCH_CHANNELS, default 4),
+            // Calls in flight (BENCH_CALLS) over a few HTTP/2 connections (BENCH_CHANNELS),
             // as a business service with a client pool would push.
             let mut apis = Vec::new();
             for _ in 0..channels() {
                 apis.push(api().await);
             }
             let mut tasks = Vec::new();
-            for w in 0..64 {
+            let calls: usize = std::env::var("BENCH_CALLS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(64);
+            for w in 0..calls {
                 let sent = sent.clone();
                 let mut api = apis[w % apis.len()].clone();
                 tasks.push(tokio::spawn(async move {
@@ -515,7 +520,7 @@ async fn push(o: &Opts, pin: Option<[u8; 32]>) {
                     while Instant::now() < deadline {
                         api.push_to_user(nth_push(offline, i, conns)).await.unwrap();
                         sent.fetch_add(1, Ordering::Relaxed);
-                        i += 64;
+                        i += calls;
                     }
                 }));
             }
@@ -585,6 +590,17 @@ async fn push(o: &Opts, pin: Option<[u8; 32]>) {
         && settle.elapsed() < Duration::from_secs(10)
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if !offline && received.load(Ordering::Relaxed) < target {
+        // Say why: a client closed by the gateway stops counting.
+        let text = http_get(OPS, "/metrics").await.unwrap_or_default();
+        for l in text.lines().filter(|l| {
+            (l.starts_with("imgate_connections_closed_total")
+                || l.starts_with("imgate_slow_consumer_total"))
+                && !l.ends_with(" 0")
+        }) {
+            println!("gateway: {l}");
+        }
     }
     if let Some(p99) = gateway_delivery_p99().await {
         println!(

@@ -7,12 +7,12 @@ use std::hash::BuildHasher;
 
 use foldhash::fast::RandomState;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::task::Poll;
 use std::sync::{Arc, OnceLock};
+use std::task::Poll;
 
 use bytes::Bytes;
-use parking_lot::Mutex;
 use futures_util::task::AtomicWaker;
+use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
