@@ -249,7 +249,8 @@ async fn relay(o: &Opts, addr: std::net::SocketAddr) {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             };
             let receiver = async {
-                while let Some(Ok(Message::Text(t))) = brx.next().await {
+                while let Some(Ok(m)) = brx.next().await {
+                    let Message::Text(t) = m else { continue };
                     let sent: u64 = t.parse().unwrap();
                     lat.lock().push(start.elapsed().as_nanos() as u64 - sent);
                 }

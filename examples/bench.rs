@@ -456,7 +456,11 @@ async fn receivers(
                     .ok()
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(32);
-                while let Some(Ok(Message::Text(t))) = rx.next().await {
+                while let Some(Ok(m)) = rx.next().await {
+                    // The gateway's pings come through too (tungstenite answers them): a
+                    // loop that stopped at the first non-text frame stopped counting 25 s
+                    // after connecting, which looked like lost pushes in long runs.
+                    let Message::Text(t) = m else { continue };
                     if !t.starts_with("{\"type\":\"push\"") {
                         continue;
                     }
