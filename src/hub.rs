@@ -313,3 +313,35 @@ impl Hub {
         self.users.load(Ordering::Relaxed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_close_request_wakes_its_waiter_and_is_kept() {
+        let control = Arc::new(Control::default());
+        let waiter = tokio::spawn({
+            let control = control.clone();
+            async move { control.requested().await }
+        });
+        // The waiter is parked on the request (not polling in a loop) before it comes.
+        tokio::task::yield_now().await;
+        control.close(CloseCode::SlowConsumer, "queue full");
+        control.close(CloseCode::Draining, "later"); // the first request wins
+        let (code, reason) = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the waiter was woken")
+            .unwrap();
+        assert_eq!(
+            (code, reason.as_str()),
+            (CloseCode::SlowConsumer, "queue full")
+        );
+        // A wait that starts after the request sees it at once.
+        let (code, _) = tokio::time::timeout(Duration::from_secs(5), control.requested())
+            .await
+            .expect("kept");
+        assert_eq!(code, CloseCode::SlowConsumer);
+    }
+}

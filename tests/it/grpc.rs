@@ -851,3 +851,79 @@ async fn unreachable_backends() {
         .expect_kick(4103)
         .await;
 }
+
+/// The per-frame and per-push series (kept as registered handles on the hot path) move with
+/// the traffic they count. The recorder is shared by every test in this process, so the
+/// test compares against a scrape taken before its own traffic.
+#[tokio::test]
+async fn pushes_and_frames_move_their_metrics() {
+    use crate::common::metric;
+    let gw = TestGateway::start().await;
+    let scrape = || async { gw.http_get(gw.ops, "/metrics").await.1 };
+    let series: [(&str, &[(&str, &str)]); 8] = [
+        (
+            "imgate_frames_sent_total",
+            &[("transport", "ws"), ("type", "push")],
+        ),
+        (
+            "imgate_frames_received_total",
+            &[("transport", "ws"), ("type", "ping")],
+        ),
+        ("imgate_bytes_sent_total", &[("transport", "ws")]),
+        ("imgate_bytes_received_total", &[("transport", "ws")]),
+        (
+            "imgate_push_requests_total",
+            &[("method", "PushToUser"), ("result", "ok")],
+        ),
+        (
+            "imgate_push_requests_total",
+            &[("method", "PushStream"), ("result", "ok")],
+        ),
+        ("imgate_push_delivery_seconds_count", &[]),
+        (
+            "imgate_state_seconds_count",
+            &[("backend", "memory"), ("op", "append")],
+        ),
+    ];
+    let before_text = scrape().await;
+    let before: Vec<f64> = series
+        .iter()
+        .map(|(name, labels)| metric(&before_text, name, labels))
+        .collect();
+
+    let mut api = client(&gw, Some("dev-key")).await;
+    let mut c = gw.login(Kind::Ws, "counted", "d").await;
+    c.ping("1").await;
+    api.push_to_user(push("counted", "1", pb::Delivery::Durable))
+        .await
+        .unwrap();
+    let mut results = api
+        .push_stream(tokio_stream::iter([push(
+            "counted",
+            "2",
+            pb::Delivery::Durable,
+        )]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(results
+        .message()
+        .await
+        .unwrap()
+        .unwrap()
+        .error_code
+        .is_empty());
+    c.expect("push").await;
+    c.expect("push").await;
+
+    // At least: two pushes written, one ping read, two appends, one call per method.
+    let moved = [2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0, 2.0];
+    crate::common::eventually_async(|| async {
+        let text = scrape().await;
+        series
+            .iter()
+            .zip(before.iter().zip(moved))
+            .all(|((name, labels), (b, m))| metric(&text, name, labels) >= b + m)
+    })
+    .await;
+}
