@@ -259,6 +259,17 @@ fn touch() {
     counter!("imgate_status_changes_dropped_total").absolute(0);
 }
 
+/// Update a series through its registered handle (`Hot`) when there is one, else through
+/// the macro's registry lookup.
+macro_rules! hot_or {
+    ($handle:expr, $lookup:expr, $op:ident($value:expr)) => {
+        match HOT.get().and_then($handle) {
+            Some(handle) => handle.$op($value),
+            None => $lookup.$op($value),
+        }
+    };
+}
+
 /// Handles on the series touched for every frame and every push. The macros look a series
 /// up in the registry on each call (hash the name and labels, compare, clone a handle): a few
 /// percent of the gateway's CPU under push load. Series outside these sets (and every
@@ -343,55 +354,47 @@ pub fn connections_delta(transport: &'static str, delta: i64) {
 }
 
 pub fn frame_received(transport: &'static str, ty: &'static str) {
-    match HOT.get().and_then(|h| {
-        cell(
+    hot_or!(
+        |h| cell(
             &h.frames_received,
             &TRANSPORTS,
             transport,
             &CLIENT_FRAME_TYPES,
-            ty,
-        )
-    }) {
-        Some(c) => c.increment(1),
-        None => counter!("imgate_frames_received_total", "transport" => transport, "type" => ty)
-            .increment(1),
-    }
+            ty
+        ),
+        counter!("imgate_frames_received_total", "transport" => transport, "type" => ty),
+        increment(1)
+    );
 }
 
 pub fn frames_sent(transport: &'static str, ty: &'static str, n: u64) {
-    match HOT.get().and_then(|h| {
-        cell(
+    hot_or!(
+        |h| cell(
             &h.frames_sent,
             &TRANSPORTS,
             transport,
             &SERVER_FRAME_TYPES,
-            ty,
-        )
-    }) {
-        Some(c) => c.increment(n),
-        None => counter!("imgate_frames_sent_total", "transport" => transport, "type" => ty)
-            .increment(n),
-    }
+            ty
+        ),
+        counter!("imgate_frames_sent_total", "transport" => transport, "type" => ty),
+        increment(n)
+    );
 }
 
 pub fn bytes_received(transport: &'static str, n: u64) {
-    match HOT
-        .get()
-        .and_then(|h| h.bytes_received.get(at(&TRANSPORTS, transport)?))
-    {
-        Some(c) => c.increment(n),
-        None => counter!("imgate_bytes_received_total", "transport" => transport).increment(n),
-    }
+    hot_or!(
+        |h| h.bytes_received.get(at(&TRANSPORTS, transport)?),
+        counter!("imgate_bytes_received_total", "transport" => transport),
+        increment(n)
+    );
 }
 
 pub fn bytes_sent(transport: &'static str, n: u64) {
-    match HOT
-        .get()
-        .and_then(|h| h.bytes_sent.get(at(&TRANSPORTS, transport)?))
-    {
-        Some(c) => c.increment(n),
-        None => counter!("imgate_bytes_sent_total", "transport" => transport).increment(n),
-    }
+    hot_or!(
+        |h| h.bytes_sent.get(at(&TRANSPORTS, transport)?),
+        counter!("imgate_bytes_sent_total", "transport" => transport),
+        increment(n)
+    );
 }
 
 pub fn rejected(reason: &'static str) {
@@ -424,26 +427,25 @@ pub fn frame_dropped(transport: &'static str, reason: &'static str) {
 }
 
 pub fn push_request(method: &'static str, result: &'static str) {
-    match HOT.get().and_then(|h| {
-        cell(
+    hot_or!(
+        |h| cell(
             &h.push_requests,
             &PUSH_METHODS,
             method,
             &PUSH_RESULTS,
-            result,
-        )
-    }) {
-        Some(c) => c.increment(1),
-        None => counter!("imgate_push_requests_total", "method" => method, "result" => result)
-            .increment(1),
-    }
+            result
+        ),
+        counter!("imgate_push_requests_total", "method" => method, "result" => result),
+        increment(1)
+    );
 }
 
 pub fn push_delivery(seconds: f64) {
-    match HOT.get() {
-        Some(h) => h.push_delivery.record(seconds),
-        None => histogram!("imgate_push_delivery_seconds").record(seconds),
-    }
+    hot_or!(
+        |h| Some(&h.push_delivery),
+        histogram!("imgate_push_delivery_seconds"),
+        record(seconds)
+    );
 }
 
 pub fn upstream(result: &'static str, seconds: f64) {
@@ -451,15 +453,11 @@ pub fn upstream(result: &'static str, seconds: f64) {
 }
 
 pub fn state_op(backend: &'static str, op: &'static str, seconds: f64) {
-    match HOT
-        .get()
-        .and_then(|h| cell(&h.state_seconds, &STATE_BACKENDS, backend, &STATE_OPS, op))
-    {
-        Some(c) => c.record(seconds),
-        None => {
-            histogram!("imgate_state_seconds", "backend" => backend, "op" => op).record(seconds)
-        }
-    }
+    hot_or!(
+        |h| cell(&h.state_seconds, &STATE_BACKENDS, backend, &STATE_OPS, op),
+        histogram!("imgate_state_seconds", "backend" => backend, "op" => op),
+        record(seconds)
+    );
 }
 
 pub fn state_error(backend: &'static str, op: &'static str) {
