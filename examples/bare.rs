@@ -204,12 +204,19 @@ async fn serve(o: Opts) {
         0u128
     );
     let deadline = Instant::now() + Duration::from_secs(o.secs);
-    let mut n = 0u64;
+    let (mut i, mut n) = (0usize, 0u64);
     while Instant::now() < deadline {
         for _ in 0..256 {
             in_flight.acquire().await.unwrap().forget();
-            let _ = senders[n as usize % o.conns].try_send(Message::text(frame.clone()));
-            n += 1;
+            let queued = senders[i % o.conns]
+                .try_send(Message::text(frame.clone()))
+                .is_ok();
+            i += 1;
+            if queued {
+                n += 1;
+            } else {
+                in_flight.add_permits(1); // that connection's queue is full: skip it
+            }
         }
     }
     println!("{n}");

@@ -75,6 +75,14 @@ fn opts() -> Opts {
     o
 }
 
+/// A tuning knob from the environment (BENCH_*), or its default.
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 const HTTP: &str = "127.0.0.1:18080";
 const HTTPS: &str = "127.0.0.1:18443";
 const OPS: &str = "127.0.0.1:19090";
@@ -189,10 +197,7 @@ async fn pin() -> Option<[u8; 32]> {
 fn main() {
     // BENCH_THREADS sets the load generator's worker threads (default 2). It shares the cores
     // with the gateway; one thread cannot drive `chat` at 10k messages per second.
-    let threads: usize = std::env::var("BENCH_THREADS")
-        .ok()
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(2);
+    let threads: usize = env_or("BENCH_THREADS", 2);
     let rt = if threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -267,10 +272,7 @@ async fn idle(o: &Opts, pid: u32, pin: Option<[u8; 32]>) {
 
 /// How long the measuring modes wait after the last client connected (BENCH_SETTLE_MS).
 fn settle_ms() -> u64 {
-    std::env::var("BENCH_SETTLE_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2000)
+    env_or("BENCH_SETTLE_MS", 2000)
 }
 
 async fn connect_owned(user: String, tls: bool, pin: Option<[u8; 32]>) -> Ws {
@@ -396,10 +398,7 @@ fn with_key(mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::St
 
 /// HTTP/2 connections a pusher uses (BENCH_CHANNELS, default 4).
 fn channels() -> usize {
-    std::env::var("BENCH_CHANNELS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4)
+    env_or("BENCH_CHANNELS", 4)
 }
 
 async fn api() -> Api {
@@ -452,10 +451,7 @@ async fn receivers(
             tokio::spawn(async move {
                 let (mut tx, mut rx) = ws.split();
                 let mut held = 0u64;
-                let ack_every: u64 = std::env::var("BENCH_ACK_EVERY")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(32);
+                let ack_every: u64 = env_or("BENCH_ACK_EVERY", 32);
                 while let Some(Ok(m)) = rx.next().await {
                     // The gateway's pings come through too (tungstenite answers them): a
                     // loop that stopped at the first non-text frame stopped counting 25 s
@@ -512,10 +508,7 @@ async fn push(o: &Opts, pin: Option<[u8; 32]>) {
                 apis.push(api().await);
             }
             let mut tasks = Vec::new();
-            let calls: usize = std::env::var("BENCH_CALLS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(64);
+            let calls: usize = env_or("BENCH_CALLS", 64);
             for w in 0..calls {
                 let sent = sent.clone();
                 let mut api = apis[w % apis.len()].clone();
