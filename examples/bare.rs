@@ -23,8 +23,10 @@ use parking_lot::Mutex;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
+
+mod common;
+use common::{quantile_ms, ws_config, Flags};
 
 struct Opts {
     mode: String,
@@ -35,31 +37,14 @@ struct Opts {
 }
 
 fn opts() -> Opts {
-    let mut o = Opts {
-        mode: String::new(),
-        conns: 1000,
-        rate: 10_000,
-        secs: 10,
-        serve: false,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        let mut v = || {
-            it.next()
-                .expect("flag value")
-                .parse::<u64>()
-                .expect("a number")
-        };
-        match a.as_str() {
-            "--conns" => o.conns = v() as usize,
-            "--rate" => o.rate = v(),
-            "--secs" => o.secs = v(),
-            "--serve" => o.serve = true,
-            m if o.mode.is_empty() => o.mode = m.to_string(),
-            other => panic!("unknown argument {other}"),
-        }
+    let f = Flags::parse(&["--conns", "--rate", "--secs"], &["--serve"]);
+    Opts {
+        conns: f.get("--conns", 1000),
+        rate: f.get("--rate", 10_000),
+        secs: f.get("--secs", 10),
+        serve: f.has("--serve"),
+        mode: f.mode,
     }
-    o
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -68,13 +53,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("runtime")
-}
-
-/// The buffers `bench` gives its clients (tungstenite's 128 KiB default costs page faults).
-fn small_buffers() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(4096)
-        .write_buffer_size(0)
 }
 
 fn main() {
@@ -121,7 +99,7 @@ async fn connect(addr: std::net::SocketAddr, path: String) -> Ws {
     let (ws, _) = tokio_tungstenite::client_async_with_config(
         format!("ws://{addr}{path}"),
         tcp,
-        Some(small_buffers()),
+        Some(ws_config()),
     )
     .await
     .unwrap();
@@ -156,7 +134,7 @@ async fn serve(o: Opts) {
                             path = req.uri().path().to_string();
                             Ok(resp)
                         },
-                        Some(small_buffers()),
+                        Some(ws_config()),
                     )
                     .await
                     .unwrap();
@@ -273,7 +251,7 @@ async fn relay(o: &Opts, addr: std::net::SocketAddr) {
     }
     let mut l = lat.lock().clone();
     l.sort_unstable();
-    let q = |p: f64| l[((l.len() as f64 * p) as usize).min(l.len() - 1)] as f64 / 1e6;
+    let q = |p: f64| quantile_ms(&l, p);
     println!(
         "bare relay: {} clients, {} received in {} s: p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms",
         pairs * 2,

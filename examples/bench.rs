@@ -28,6 +28,9 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
+mod common;
+use common::{env_or, quantile_ms, ws_config, Flags};
+
 struct Opts {
     mode: String,
     conns: usize,
@@ -45,42 +48,28 @@ struct Opts {
 }
 
 fn opts() -> Opts {
-    let mut o = Opts {
-        mode: String::new(),
-        conns: 1000,
-        rate: 10_000,
-        secs: 10,
-        tls: false,
-        gateway: "target/release/imgate".into(),
-        pid: None,
-        inflight: 100,
-        offline: false,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        let mut v = || it.next().expect("flag value");
-        match a.as_str() {
-            "--conns" => o.conns = v().parse().unwrap(),
-            "--rate" => o.rate = v().parse().unwrap(),
-            "--secs" => o.secs = v().parse().unwrap(),
-            "--tls" => o.tls = true,
-            "--gateway" => o.gateway = v(),
-            "--pid" => o.pid = Some(v().parse().unwrap()),
-            "--inflight" => o.inflight = v().parse().unwrap(),
-            "--offline" => o.offline = true,
-            m if o.mode.is_empty() => o.mode = m.to_string(),
-            other => panic!("unknown argument {other}"),
-        }
+    let f = Flags::parse(
+        &[
+            "--conns",
+            "--rate",
+            "--secs",
+            "--gateway",
+            "--pid",
+            "--inflight",
+        ],
+        &["--tls", "--offline"],
+    );
+    Opts {
+        conns: f.get("--conns", 1000),
+        rate: f.get("--rate", 10_000),
+        secs: f.get("--secs", 10),
+        tls: f.has("--tls"),
+        gateway: f.get("--gateway", "target/release/imgate".to_string()),
+        pid: f.opt("--pid"),
+        inflight: f.get("--inflight", 100),
+        offline: f.has("--offline"),
+        mode: f.mode,
     }
-    o
-}
-
-/// A tuning knob from the environment (BENCH_*), or its default.
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 const HTTP: &str = "127.0.0.1:18080";
@@ -164,15 +153,10 @@ async fn connect(user: &str, tls: bool, pin: Option<[u8; 32]>) -> Ws {
     } else {
         Box::new(tcp)
     };
-    // Small buffers, as the gateway's: tungstenite's default 128 KiB read buffer, zeroed as
-    // it is used, made the load generator spend its time in page faults and memset.
-    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-        .read_buffer_size(4096)
-        .write_buffer_size(4096);
     let (mut ws, _) = tokio_tungstenite::client_async_with_config(
         url.into_client_request().unwrap(),
         io,
-        Some(config),
+        Some(ws_config()),
     )
     .await
     .unwrap();
@@ -654,12 +638,6 @@ async fn push(o: &Opts, pin: Option<[u8; 32]>) {
             worst.join(" ")
         );
     }
-}
-
-/// The `p` quantile of sorted nanosecond samples, in milliseconds.
-fn quantile_ms(sorted: &[u64], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1));
-    sorted.get(i).copied().unwrap_or(0) as f64 / 1e6
 }
 
 /// The upper bound of the bucket holding the 99th percentile of the gateway's
