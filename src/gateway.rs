@@ -240,6 +240,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         next_id: AtomicU64::new(1),
     });
 
+    // Built before anything is spawned: a gRPC API that cannot start stops the start.
+    let grpc = match grpc {
+        Some(l) => Some((crate::grpc::server::Api::build(gw.clone()).await?, l)),
+        None => None,
+    };
     let background = TaskTracker::new();
     let stop_background = CancellationToken::new();
     if let Some(l) = http {
@@ -266,12 +271,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             stop_background.clone(),
         ));
     }
-    if let Some(l) = grpc {
-        background.spawn(crate::grpc::server::serve(
-            gw.clone(),
-            l,
-            stop_background.clone(),
-        ));
+    if let Some((api, l)) = grpc {
+        background.spawn(api.serve(l, stop_background.clone()));
     }
     if let Some(l) = ops {
         background.spawn(crate::ops::server::serve(

@@ -128,7 +128,19 @@ async fn route(
             Some(certs) => json(StatusCode::OK, certs.cert_hash_json().to_string()),
             None => plain(StatusCode::NOT_FOUND, "no certificate is served\n"),
         },
-        "/dev/token" if gw.cfg.profile == Profile::Dev => dev_token(&gw, &req),
+        "/dev/token" if gw.cfg.profile == Profile::Dev => {
+            // Dev tokens are for the developer's own machine (SPEC §9): a dev instance
+            // reachable from elsewhere must not hand out tokens for any user.
+            let ip = handshake::client_ip(peer.ip(), req.headers(), &gw.trusted);
+            if ip.to_canonical().is_loopback() {
+                dev_token(&gw, &req)
+            } else {
+                plain(
+                    StatusCode::FORBIDDEN,
+                    "dev tokens are handed out to loopback clients only\n",
+                )
+            }
+        }
         "/" => respond(
             StatusCode::OK,
             "text/html; charset=utf-8",
