@@ -193,6 +193,11 @@ pub struct LimitsConfig {
     pub max_per_ip: usize,
     /// Sessions open but not yet authenticated, per node.
     pub max_unauthenticated: usize,
+    /// Connections accepted and still in their handshake (TCP until the WebSocket upgrade,
+    /// QUIC until the WebTransport session is set up), per node; more are dropped at once.
+    pub max_handshakes: usize,
+    /// IPv6 clients are counted per prefix of this length by `max_per_ip`.
+    pub ipv6_prefix: u8,
     /// A TCP/TLS/HTTP handshake must complete within this.
     #[serde(with = "duration")]
     pub handshake_timeout: Duration,
@@ -354,6 +359,8 @@ impl Default for LimitsConfig {
             max_connections: 200_000,
             max_per_ip: 1_000,
             max_unauthenticated: 20_000,
+            max_handshakes: 10_000,
+            ipv6_prefix: 64,
             handshake_timeout: Duration::from_secs(10),
             rate_per_sec: 50,
             rate_burst: 100,
@@ -592,6 +599,7 @@ impl Config {
                 "limits.max_unauthenticated",
                 self.limits.max_unauthenticated,
             ),
+            ("limits.max_handshakes", self.limits.max_handshakes),
             ("limits.max_push_body", self.limits.max_push_body),
             ("limits.max_batch_users", self.limits.max_batch_users),
             ("limits.rate_per_sec", self.limits.rate_per_sec as usize),
@@ -628,6 +636,9 @@ impl Config {
                 "quic.max_streams",
                 "at least 2 (the session's CONNECT stream and the control stream)",
             ));
+        }
+        if !(1..=128).contains(&self.limits.ipv6_prefix) {
+            return Err(invalid("limits.ipv6_prefix", "between 1 and 128"));
         }
         if self.limits.max_frame > 16 * 1024 * 1024 {
             return Err(invalid("limits.max_frame", "at most 16 MiB"));

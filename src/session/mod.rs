@@ -16,8 +16,9 @@ use tracing::{debug, Instrument};
 
 use crate::auth::handshake::HandshakeParams;
 use crate::auth::{AuthError, Identity};
-use crate::gateway::{Gateway, Permits};
+use crate::gateway::Gateway;
 use crate::hub::{ConnHandle, ConnInfo, Control, PushItem};
+use crate::limits::Permits;
 use crate::ops::metrics;
 use crate::protocol::{ClientFrame, CloseCode, Codec, DecodeError, Reply, ServerFrame, Welcome};
 use crate::state::StateError;
