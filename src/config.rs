@@ -201,6 +201,10 @@ pub struct LimitsConfig {
     /// A TCP/TLS/HTTP handshake must complete within this.
     #[serde(with = "duration")]
     pub handshake_timeout: Duration,
+    /// A write to a client (frames, a ping, a kick, a close) not taken within this closes
+    /// the connection.
+    #[serde(with = "duration")]
+    pub write_timeout: Duration,
     /// Inbound frames per second per connection (token bucket rate) and burst.
     pub rate_per_sec: u32,
     pub rate_burst: u32,
@@ -362,6 +366,7 @@ impl Default for LimitsConfig {
             max_handshakes: 10_000,
             ipv6_prefix: 64,
             handshake_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
             rate_per_sec: 50,
             rate_burst: 100,
             rate_close_after: Duration::from_secs(10),
@@ -619,6 +624,7 @@ impl Config {
             ("sessions.idle_timeout", self.sessions.idle_timeout),
             ("auth.auth_timeout", self.auth.auth_timeout),
             ("limits.handshake_timeout", self.limits.handshake_timeout),
+            ("limits.write_timeout", self.limits.write_timeout),
             ("upstream.timeout", self.upstream.timeout),
         ] {
             if d.is_zero() {

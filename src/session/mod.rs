@@ -703,7 +703,8 @@ impl<S: Session> Conn<S> {
                 "no traffic from the client".into(),
             ));
         }
-        self.session.ping().await.map_err(End::from)
+        let limit = self.gw.cfg.limits.write_timeout;
+        bounded(limit, self.control.as_deref(), self.session.ping()).await
     }
 
     // ---- output -------------------------------------------------------------------------
@@ -724,34 +725,23 @@ impl<S: Session> Conn<S> {
         self.out.push(self.codec.encode(&frame));
     }
 
-    /// Write everything queued in one batch, bounded in time: a client that cannot take a
-    /// write within the idle timeout is treated as gone.
+    /// Write everything queued in one batch, bounded (SPEC §9 `limits.write_timeout`): a
+    /// client that does not take a write in time is treated as gone.
     async fn flush(&mut self) -> Result<(), End> {
         if self.out.is_empty() {
             return Ok(());
         }
-        let limit = self.gw.cfg.sessions.idle_timeout;
-        let write = tokio::time::timeout(limit, self.session.send(&self.out));
-        let written = match &self.control {
-            // A write blocked on a client that does not read must not hide a close request
-            // (a 4100 from a full queue, a kick, the drain).
-            Some(control) => tokio::select! {
-                r = write => r,
-                (code, reason) = control.requested() => {
-                    // What was not handed to the socket is dropped: a slow consumer is made
-                    // whole by replay, and a partly written frame completes before the kick.
-                    self.out.clear();
-                    self.out_types.clear();
-                    self.out_pushes.clear();
-                    return Err(End::Kick(code, reason));
-                }
-            },
-            None => write.await,
-        };
-        match written {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(End::from(e)),
-            Err(_) => return Err(End::Gone(false)),
+        let limit = self.gw.cfg.limits.write_timeout;
+        let written = bounded(limit, self.control.as_deref(), self.session.send(&self.out)).await;
+        if let Err(end) = written {
+            if matches!(end, End::Kick(..)) {
+                // What was not handed to the socket is dropped: a slow consumer is made
+                // whole by replay, and a partly written frame completes before the kick.
+                self.out.clear();
+                self.out_types.clear();
+                self.out_pushes.clear();
+            }
+            return Err(end);
         }
         let t = self.transport.as_str();
         metrics::bytes_sent(t, self.out.iter().map(|b| b.len() as u64).sum());
@@ -775,13 +765,40 @@ impl<S: Session> Conn<S> {
                     reason: reason.clone(),
                 });
                 if let Ok(Ok(())) = tokio::time::timeout(FINAL_WRITE, self.flush()).await {
-                    self.session.close(code.code(), &reason).await;
+                    // The close frame is a write too: a client that stopped reading right
+                    // after the kick must not hold the connection (and its slots) open.
+                    let _ =
+                        tokio::time::timeout(FINAL_WRITE, self.session.close(code.code(), &reason))
+                            .await;
                 }
                 code.as_str()
             }
             End::Gone(true) => "1000",
             End::Gone(false) => "1006",
         }
+    }
+}
+
+/// A write to the client, bounded by `limit` and given up when the connection is asked to
+/// close meanwhile (a 4100 from a full queue, a kick, the drain): a write blocked on a client
+/// that does not read must hide neither.
+async fn bounded(
+    limit: Duration,
+    control: Option<&Control>,
+    write: impl std::future::Future<Output = Result<(), SessionError>>,
+) -> Result<(), End> {
+    let write = tokio::time::timeout(limit, write);
+    let written = match control {
+        Some(control) => tokio::select! {
+            r = write => r,
+            (code, reason) = control.requested() => return Err(End::Kick(code, reason)),
+        },
+        None => write.await,
+    };
+    match written {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(End::from(e)),
+        Err(_) => Err(End::Gone(false)),
     }
 }
 

@@ -432,3 +432,61 @@ async fn a_client_that_never_reads_is_cut_off() {
         .count();
     assert!(responses < N, "{responses} of {N} responses: not cut off");
 }
+
+/// Review F5, SPEC §9 `limits.write_timeout`: a client with a small receive buffer that
+/// fills it and stops reading, while heartbeat pings keep being due, cannot outlive a kick:
+/// whichever write it blocks (frames, a ping, the kick, the close) is bounded.
+#[tokio::test]
+async fn a_client_that_stops_reading_cannot_outlive_a_kick() {
+    let gw = TestGateway::with(|c| {
+        c.limits.write_timeout = Duration::from_millis(500);
+        c.sessions.heartbeat = Duration::from_millis(20);
+        c.sessions.idle_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let stream = sock.connect(gw.http).await.unwrap();
+    let t = token("stuck", Some("d"), None, Duration::from_secs(60));
+    let url = format!("ws://{}/ws?token={t}", gw.http);
+    let (mut ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::client_async(url, stream))
+        .await
+        .unwrap()
+        .unwrap();
+    use futures_util::StreamExt;
+    loop {
+        let m = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if m.to_text().unwrap_or("").contains("\"synced\"") {
+            break;
+        }
+    }
+    // Fill the socket, then stop reading (the client keeps its TCP stack alive).
+    let body = bytes::Bytes::from(vec![b'x'; 64 * 1024]);
+    for _ in 0..200 {
+        gw.gw().delivery.push_transient(
+            "stuck",
+            imgate::delivery::OutMessage {
+                body: body.clone(),
+                ..Default::default()
+            },
+        );
+    }
+    gw.gw().kick_user("stuck", None, "").await.unwrap();
+    // Gone from the hub, and its task ended: the node slot it held is free, within a few
+    // write timeouts (the kick and the close are writes too), not the 5 s a final write
+    // used to be allowed.
+    let freed = tokio::time::timeout(Duration::from_secs(3), async {
+        while !(gw.gw().hub.connections("stuck").is_empty() && gw.gw().limits.open() == 0) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    assert!(
+        freed.await.is_ok(),
+        "the stuck connection outlived its kick"
+    );
+    drop(ws);
+}
