@@ -178,6 +178,9 @@ pub struct SessionsConfig {
     pub idle_timeout: Duration,
     /// Frames a connection may have queued for writing before it is closed with 4100.
     pub outbound_queue: usize,
+    /// Encoded bytes a connection may have queued for writing before it is closed with 4100
+    /// (SPEC §5: slow is bytes, so a burst of small pushes is never mistaken for it).
+    pub outbound_queue_bytes: usize,
     /// Most frames written per flush.
     pub write_batch: usize,
 }
@@ -350,7 +353,8 @@ impl Default for SessionsConfig {
             max_per_user: 10,
             heartbeat: Duration::from_secs(25),
             idle_timeout: Duration::from_secs(60),
-            outbound_queue: 256,
+            outbound_queue: 4096,
+            outbound_queue_bytes: 1024 * 1024,
             write_batch: 32,
         }
     }
@@ -596,6 +600,10 @@ impl Config {
             ("state.replay_limit", self.state.replay_limit),
             ("sessions.max_per_user", self.sessions.max_per_user),
             ("sessions.outbound_queue", self.sessions.outbound_queue),
+            (
+                "sessions.outbound_queue_bytes",
+                self.sessions.outbound_queue_bytes,
+            ),
             ("sessions.write_batch", self.sessions.write_batch),
             ("limits.max_frame", self.limits.max_frame),
             ("limits.max_connections", self.limits.max_connections),

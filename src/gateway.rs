@@ -145,7 +145,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             Authenticator::new(Arc::new(verifier), &cfg.auth)
         }
     };
-    let hub = Arc::new(Hub::new(cfg.sessions.policy, cfg.sessions.max_per_user));
+    let hub = Arc::new(Hub::new(
+        cfg.sessions.policy,
+        cfg.sessions.max_per_user,
+        cfg.sessions.outbound_queue_bytes,
+    ));
     let memory = match cfg.state.backend {
         StateBackend::Memory => Arc::new(MemoryState::new(&cfg.state)),
         StateBackend::Redis => {

@@ -288,6 +288,7 @@ impl<S: Session> Conn<S> {
         let control = Arc::new(Control::default());
         let handle = ConnHandle {
             info: info.clone(),
+            codec: self.codec,
             tx,
             control: control.clone(),
         };
@@ -331,6 +332,7 @@ impl<S: Session> Conn<S> {
                 biased;
                 (code, reason) = control.requested() => Err(End::Kick(code, reason)),
                 n = rx.recv_many(&mut items, batch) => {
+                    control.dequeued(queued_bytes(&items, self.codec));
                     if n == 0 {
                         Err(End::kick(CloseCode::Internal))
                     } else {
@@ -363,6 +365,7 @@ impl<S: Session> Conn<S> {
                 while let Ok(item) = rx.try_recv() {
                     items.push(item);
                 }
+                control.dequeued(queued_bytes(&items, self.codec));
                 let _ = self.on_pushes(&mut sync, &info, &mut items).await;
             }
         }
@@ -469,6 +472,11 @@ impl<S: Session> Conn<S> {
             if !progressed {
                 break; // trimmed or expired meanwhile: nothing more to send
             }
+            // Paced like replay: write each batch before reading the next, so a large gap
+            // is never held in memory whole.
+            if sync.last_sent < upto {
+                self.flush().await?;
+            }
         }
         Ok(())
     }
@@ -488,12 +496,22 @@ impl<S: Session> Conn<S> {
             sync.complete = false;
         }
         let n = range.messages.len();
+        // A batch is bounded in bytes too (the connection's outbound budget): 200 large
+        // entries would otherwise be one multi-megabyte write per reconnecting device.
+        let budget = self.gw.cfg.sessions.outbound_queue_bytes;
+        let mut bytes = 0;
+        let mut cut = false;
         for m in range.messages {
+            if bytes >= budget {
+                cut = true;
+                break;
+            }
+            bytes += m.body.len();
             sync.last_sent = m.seq;
             sync.replayed += 1;
             self.queue_stored(m, &range.epoch);
         }
-        if n >= limit && sync.last_sent < range.head_seq {
+        if (cut || n >= limit) && sync.last_sent < range.head_seq {
             sync.awaiting_ack = Some(sync.last_sent);
             return Ok(());
         }
@@ -777,6 +795,11 @@ impl<S: Session> Conn<S> {
             End::Gone(false) => "1006",
         }
     }
+}
+
+/// What `items` weighed in their connection's outbound byte budget.
+fn queued_bytes(items: &[Arc<PushItem>], codec: Codec) -> usize {
+    items.iter().map(|i| i.encoded(codec).len()).sum()
 }
 
 /// A write to the client, bounded by `limit` and given up when the connection is asked to

@@ -283,9 +283,57 @@ async fn slow_consumer_4100() {
     assert_eq!(fast.expect("push").await["body"], 1);
     crate::common::eventually(|| gw.gw().hub.connections("slow").is_empty()).await;
     let (_, t) = gw.http_get(gw.ops, "/metrics").await;
-    assert!(metric(&t, "imgate_slow_consumer_total", &[]) > before);
+    // Counted once: the connection closed, not each of the pushes it refused.
+    assert_eq!(metric(&t, "imgate_slow_consumer_total", &[]), before + 1.0);
     let closed = slow.closed().await;
     assert_eq!(closed.kick, Some(4100), "{closed:?}");
+}
+
+// SPEC §5: slow is bytes queued, so a client that reads as fast as it can is not closed by
+// a burst that fits the byte budget, even one far longer than the old 256-frame queue.
+over_transports!(a_burst_is_not_a_slow_consumer, |kind: Kind| async move {
+    let gw = TestGateway::start().await;
+    let mut c = gw.login(kind, "burst", "d").await;
+    let delivery = gw.gw().delivery.clone();
+    const N: usize = 1000;
+    for i in 0..N {
+        delivery.push_transient(
+            "burst",
+            imgate::delivery::OutMessage {
+                body: i.to_string().into(),
+                ..Default::default()
+            },
+        );
+    }
+    for i in 0..N {
+        assert_eq!(c.expect("push").await["body"], i);
+    }
+    assert_eq!(c.ping("still-here").await["id"], "still-here");
+});
+
+/// A WebSocket dropped without a close frame went away (1006); it did not speak bad
+/// WebSocket (4504).
+#[tokio::test]
+async fn a_dropped_socket_counts_as_1006() {
+    let gw = TestGateway::start().await;
+    let c = gw.login(Kind::Ws, "gone", "d").await;
+    let closed = |t: &str, code: &str| {
+        metric(
+            t,
+            "imgate_connections_closed_total",
+            &[("transport", "ws"), ("code", code)],
+        )
+    };
+    let (_, before) = gw.http_get(gw.ops, "/metrics").await;
+    drop(c); // the TCP connection goes without a close frame
+    crate::common::eventually(|| gw.gw().hub.connections("gone").is_empty()).await;
+    crate::common::eventually_async(|| async {
+        let (_, t) = gw.http_get(gw.ops, "/metrics").await;
+        closed(&t, "1006") > closed(&before, "1006")
+    })
+    .await;
+    let (_, after) = gw.http_get(gw.ops, "/metrics").await;
+    assert_eq!(closed(&after, "4504"), closed(&before, "4504"));
 }
 
 /// Behind a load balancer speaking PROXY protocol v2, the per-IP limit applies to the
