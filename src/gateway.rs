@@ -358,6 +358,9 @@ impl Running {
                 "shutdown timeout: exiting with sessions open"
             );
         }
+        if let Some(status) = &gw.status {
+            status.flush_and_stop(Duration::from_secs(2)).await;
+        }
         self.stop_background.cancel();
         self.background.close();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.background.wait()).await;

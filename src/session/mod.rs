@@ -132,10 +132,24 @@ impl UpstreamWorker {
     fn spawn(gw: &Arc<Gateway>, sender: &Arc<ConnInfo>) -> UpstreamWorker {
         let (sends, mut rx) = mpsc::channel(SENDS_IN_FLIGHT);
         let (tx, replies) = mpsc::channel(SENDS_IN_FLIGHT);
+        let tracker = gw.sessions.clone();
         let (gw, sender) = (gw.clone(), sender.clone());
-        tokio::spawn(async move {
-            while let Some(send) = rx.recv().await {
-                let reply = gw.upstream.handle(&sender, send).await;
+        // Ends with its connection (review F12): the sends still queued are dropped and the
+        // one in flight is cancelled, rather than forwarded for a client that is gone (which
+        // would retry them on its next connection) with no bound on such orphans.
+        tracker.spawn(async move {
+            loop {
+                let send = tokio::select! {
+                    s = rx.recv() => match s {
+                        Some(s) => s,
+                        None => return,
+                    },
+                    _ = tx.closed() => return,
+                };
+                let reply = tokio::select! {
+                    r = gw.upstream.handle(&sender, send) => r,
+                    _ = tx.closed() => return,
+                };
                 if tx.send(reply).await.is_err() {
                     return;
                 }
