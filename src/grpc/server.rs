@@ -392,7 +392,7 @@ impl GatewayApi for GatewayService {
         check_id("user_id", &req.user_id)?;
         let evicted = self
             .gw
-            .revoke_tokens(&req.user_id)
+            .revoke_tokens(&req.user_id, None)
             .await
             .map_err(unavailable)?;
         Ok(Response::new(InvalidateTokensResponse { evicted }))

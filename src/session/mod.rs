@@ -297,6 +297,14 @@ impl<S: Session> Conn<S> {
             gw: gw.clone(),
             info: info.clone(),
         };
+        // The token was checked before registration: a `KickUser` or `InvalidateTokens`
+        // that ran in between found nothing to close (WebTransport stretches that gap to
+        // the time the client takes to open its control stream). Revocations are recorded
+        // before the hub is searched, so looking again now that the session is in the hub
+        // closes the gap (SPEC §2).
+        if gw.auth.is_revoked(&identity) {
+            return End::kick(CloseCode::Kicked);
+        }
         if let Some(status) = &gw.status {
             status.notify(crate::grpc::business::change(&info, &gw.instance_id, true));
         }
@@ -305,7 +313,7 @@ impl<S: Session> Conn<S> {
         if gw.is_draining() {
             return End::kick(CloseCode::Draining);
         }
-        self.arm_expiry(identity.expires_at_ms);
+        self.arm_expiry(gw.auth.session_deadline_ms(&identity));
 
         let mut sync = match Box::pin(self.welcome(&info, &identity, since.as_deref())).await {
             Ok(sync) => sync,
@@ -677,7 +685,7 @@ impl<S: Session> Conn<S> {
     async fn reauth(&mut self, token: &str, identity: &Identity) {
         match self.gw.auth.authenticate(token).await {
             Ok(new) if new.user == identity.user => {
-                self.arm_expiry(new.expires_at_ms);
+                self.arm_expiry(self.gw.auth.session_deadline_ms(&new));
                 self.queue(ServerFrame::Reauth {
                     token_expires_at_ms: new.expires_at_ms,
                 });
