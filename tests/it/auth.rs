@@ -164,11 +164,15 @@ over_transports!(
         let w = c.expect("welcome").await;
         // `welcome` tells the token's own `exp`: what a client schedules its refresh by.
         assert_eq!(w["token_expires_at_ms"], (now + 1) * 1000);
-        c.expect_kick(4501).await;
+        c.expect("synced").await;
+        // Timed at the kick: over WebTransport the close itself may wait for the client.
+        let k = c.expect("kick").await;
+        assert_eq!(k["code"], 4501);
         assert!(
             imgate::now_ms() >= (now + 2) * 1000,
-            "closed before exp + leeway"
+            "kicked before exp + leeway"
         );
+        assert_eq!(c.closed().await.code, Some(4501));
     }
 );
 

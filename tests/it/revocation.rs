@@ -164,6 +164,9 @@ impl pb::auth_server::Auth for FakeAuth {
         }
         if self.0.hold.load(Ordering::SeqCst) {
             let _ = self.0.gate.acquire().await;
+            // A service that takes a moment to answer once it is let go: the answer lands
+            // in a later millisecond than the revocation that came while it was held.
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let t = req.into_inner().token;
         Ok(Response::new(match t.strip_prefix("good-") {
@@ -237,7 +240,14 @@ over_transports!(
             .await
             .expect("handshake in time")
             .unwrap();
-        c.expect_kick(4500).await;
+        let k = c.recv().await;
+        assert_eq!(
+            (k["type"].as_str(), k["code"].as_u64()),
+            (Some("kick"), Some(4500)),
+            "{k}"
+        );
+        assert_eq!(k["reason"], "token revoked");
+        assert_eq!(c.closed().await.code, Some(4500));
 
         // That answer came back after the revocation had cleared the cache. The next attempt
         // asks the service again, whose word now stands (it must revoke on its side too).
