@@ -230,10 +230,11 @@ impl<S: Session> Conn<S> {
             let Some(data) = self.inbound_frame(inbound)? else {
                 continue;
             };
-            if !self.within_rate()? {
+            let decoded = self.codec.decode(&data);
+            if !self.within_rate(&decoded)? {
                 continue;
             }
-            match self.codec.decode(&data) {
+            match decoded {
                 Ok(ClientFrame::Auth { token, since }) => {
                     self.count_received("auth");
                     let id = self.gw.auth.authenticate(&token).await.map_err(auth_end)?;
@@ -246,7 +247,7 @@ impl<S: Session> Conn<S> {
                         ts: crate::now_ms(),
                     });
                 }
-                Ok(_) | Err(DecodeError::UnknownType(_)) | Err(DecodeError::BadSend { .. }) => {
+                Ok(_) | Err(DecodeError::UnknownType { .. }) | Err(DecodeError::BadSend { .. }) => {
                     return Err(End::Kick(
                         CloseCode::Unauthorized,
                         "authenticate first".into(),
@@ -569,8 +570,9 @@ impl<S: Session> Conn<S> {
         Ok(Some(data))
     }
 
-    /// The inbound rate limit (SPEC §3): whether to handle this frame.
-    fn within_rate(&mut self) -> Result<bool, End> {
+    /// The inbound rate limit (SPEC §3): whether to handle this frame. The one `error`
+    /// sent per window carries the id of the frame that went over, when it had one.
+    fn within_rate(&mut self, frame: &Result<ClientFrame, DecodeError>) -> Result<bool, End> {
         let t = self.transport.as_str();
         match self.rate.check(Instant::now()) {
             Verdict::Allow => Ok(true),
@@ -582,7 +584,7 @@ impl<S: Session> Conn<S> {
                         "more than {} frames per second",
                         self.gw.cfg.limits.rate_per_sec
                     ),
-                    id: None,
+                    id: frame_id(frame),
                 });
                 Ok(false)
             }
@@ -608,18 +610,18 @@ impl<S: Session> Conn<S> {
         // An ack that moves this device forward is never rate limited: dropping one would
         // stall a replay paced by acks. Everything else counts.
         let useful_ack = matches!(&decoded, Ok(ClientFrame::Ack { seq, .. }) if *seq > sync.acked && *seq <= sync.last_sent);
-        if !useful_ack && !self.within_rate()? {
+        if !useful_ack && !self.within_rate(&decoded)? {
             return Ok(());
         }
         let frame = match decoded {
             Ok(f) => f,
             Err(DecodeError::Malformed(m)) => return Err(End::Kick(CloseCode::ProtocolError, m)),
-            Err(DecodeError::UnknownType(ty)) => {
+            Err(DecodeError::UnknownType { ty, id }) => {
                 self.count_received("unknown");
                 self.queue(ServerFrame::Error {
                     code: "unknown_type".into(),
                     message: format!("unknown frame type {ty:?}"),
-                    id: None,
+                    id,
                 });
                 return Ok(());
             }
@@ -790,6 +792,20 @@ impl<S: Session> Conn<S> {
             End::Gone(false) => "1006",
         }
     }
+}
+
+/// The client's `id` of a frame, when it has one, for an `error` about that frame.
+fn frame_id(frame: &Result<ClientFrame, DecodeError>) -> Option<String> {
+    match frame {
+        Ok(ClientFrame::Ping { id }) => id.clone(),
+        Ok(ClientFrame::Send(s)) => Some(s.id.clone()),
+        Err(DecodeError::UnknownType { id, .. }) => id.clone(),
+        Err(DecodeError::BadSend { id, .. }) => Some(id.clone()),
+        Ok(ClientFrame::Auth { .. } | ClientFrame::Ack { .. }) | Err(DecodeError::Malformed(_)) => {
+            None
+        }
+    }
+    .filter(|id| !id.is_empty())
 }
 
 fn auth_end(e: AuthError) -> End {
