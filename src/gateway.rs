@@ -295,8 +295,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     metrics::draining(false);
     info!(
         instance = %gw.instance_id,
-        http = ?addrs.http, https = ?addrs.https, webtransport = ?addrs.webtransport, grpc = ?addrs.grpc, ops = ?addrs.ops,
-        profile = ?gw.cfg.profile,
+        http = %shown(addrs.http), https = %shown(addrs.https),
+        webtransport = %shown(addrs.webtransport), grpc = %shown(addrs.grpc), ops = %shown(addrs.ops),
+        profile = %gw.cfg.profile.as_str(),
         "imgate started"
     );
     Ok(Running {
@@ -305,6 +306,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         background,
         stop_background,
     })
+}
+
+/// A listener's address for the logs: `127.0.0.1:8080`, or `off`.
+fn shown(addr: Option<SocketAddr>) -> String {
+    addr.map_or_else(|| "off".to_string(), |a| a.to_string())
 }
 
 /// Periodic work: inbox expiry and the state-store health gauge.

@@ -448,6 +448,31 @@ impl GatewayApi for GatewayService {
     }
 }
 
+/// The services this listener serves, and only those: proto/ also describes `Business` and
+/// `Auth`, which the gateway calls but does not serve, and listing them would advertise
+/// methods that answer UNIMPLEMENTED.
+pub const SERVED: [&str; 4] = [
+    "imgate.v1.Gateway",
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+/// Reflection over the served services, with the descriptors of both reflection versions,
+/// since both are served.
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    let mut b = tonic_reflection::server::Builder::configure()
+        .include_reflection_service(false)
+        .register_encoded_file_descriptor_set(super::pb::DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET);
+    for name in SERVED {
+        b = b.with_service_name(name);
+    }
+    b
+}
+
 /// Serve the gRPC listener until `stop` (after the drain: unary calls are served while
 /// draining, open streams end with UNAVAILABLE when it begins).
 pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, stop: CancellationToken) {
@@ -474,10 +499,9 @@ async fn run(
     }
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<GatewayServer<GatewayService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(super::pb::DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let reflection = reflection_builder().build_v1()?;
+    // Older clients (grpcurl before 1.8.8, many language tools) speak only v1alpha.
+    let reflection_v1alpha = reflection_builder().build_v1alpha()?;
     let keys = gw.cfg.api_keys();
     let gateway = GatewayServer::new(GatewayService::new(gw.clone()))
         .max_decoding_message_size(gw.cfg.limits.max_push_body.max(64 * 1024) * 2 + 64 * 1024);
@@ -487,17 +511,21 @@ async fn run(
         builder
             .add_service(health_service)
             .add_service(reflection)
+            .add_service(reflection_v1alpha)
             .add_service(gateway)
     } else {
         builder
             .add_service(health_service)
             .add_service(reflection)
+            .add_service(reflection_v1alpha)
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 gateway,
                 ApiKeys::new(keys),
             ))
     };
-    info!(addr = ?listener.local_addr().ok(), "gRPC listening");
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "gRPC listening");
+    }
     router
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
