@@ -128,7 +128,7 @@ async fn route(
             Some(certs) => json(StatusCode::OK, certs.cert_hash_json().to_string()),
             None => plain(StatusCode::NOT_FOUND, "no certificate is served\n"),
         },
-        "/dev/token" if gw.cfg.profile == Profile::Dev => dev_token(&gw, &req),
+        "/dev/token" if gw.cfg.profile == Profile::Dev => dev_token(&gw, &req, peer),
         "/" => respond(
             StatusCode::OK,
             "text/html; charset=utf-8",
@@ -171,7 +171,19 @@ fn json(status: StatusCode, body: String) -> Response<Body> {
 }
 
 /// `GET /dev/token?user=U&device=D&platform=P` (dev profile only).
-fn dev_token(gw: &Gateway, req: &Request<Incoming>) -> Response<Body> {
+/// `GET /dev/token?user=U[&device=D][&platform=P]`: `{"token": …}`, HS256 with the
+/// configured (or dev) secret, valid 1 h. Only for clients on this machine: a dev gateway
+/// bound to a public address must not sign anyone in as anyone.
+fn dev_token(gw: &Gateway, req: &Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    // The client's address as the per-IP limits see it: a trusted proxy on this machine
+    // in front of a remote client does not make that client local.
+    let client = handshake::client_ip(peer.ip(), req.headers(), &gw.trusted);
+    if !is_loopback(client) {
+        return plain(
+            StatusCode::FORBIDDEN,
+            "/dev/token answers clients on a loopback address only\n",
+        );
+    }
     let mut user = None;
     let mut device = None;
     let mut platform = None;
@@ -193,7 +205,19 @@ fn dev_token(gw: &Gateway, req: &Request<Incoming>) -> Response<Body> {
         .as_deref()
         .is_some_and(|d| !crate::protocol::valid_id(d))
     {
-        return plain(StatusCode::BAD_REQUEST, "bad device id\n");
+        return plain(
+            StatusCode::BAD_REQUEST,
+            "device must be 1-128 chars of A-Z a-z 0-9 . _ : @ -\n",
+        );
+    }
+    if platform
+        .as_deref()
+        .is_some_and(|p| !crate::auth::jwt::PLATFORMS.contains(&p))
+    {
+        return plain(
+            StatusCode::BAD_REQUEST,
+            "platform must be ios, android, web, desktop or other\n",
+        );
     }
     let secret = gw.cfg.jwt_secret().unwrap_or_default();
     match crate::auth::jwt::issue_hs256(
@@ -211,6 +235,16 @@ fn dev_token(gw: &Gateway, req: &Request<Incoming>) -> Response<Body> {
             debug!(error = %e, "dev token");
             plain(StatusCode::INTERNAL_SERVER_ERROR, "cannot issue a token\n")
         }
+    }
+}
+
+/// 127.0.0.0/8 and ::1, also as an IPv4-mapped IPv6 address (a dual-stack listener).
+fn is_loopback(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_loopback(),
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(v6.is_loopback(), |v4| v4.is_loopback()),
     }
 }
 

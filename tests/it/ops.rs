@@ -148,6 +148,40 @@ async fn cert_hash_and_dev_token() {
         gw.http_get(gw.http, "/dev/token?user=bad%20id").await.0,
         400
     );
+    assert_eq!(
+        gw.http_get(gw.http, "/dev/token?user=a&platform=toaster")
+            .await
+            .0,
+        400
+    );
+}
+
+/// `/dev/token` signs anyone in as anyone: only clients on the gateway's machine get one,
+/// also when a proxy on that machine forwards a remote client.
+#[tokio::test]
+async fn dev_token_answers_loopback_clients_only() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = TestGateway::with(|c| c.net.trusted_proxies = vec!["127.0.0.1/32".into()]).await;
+    let get = |forwarded_for: &'static str| async move {
+        let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+        s.write_all(
+            format!(
+                "GET /dev/token?user=mal HTTP/1.1\r\nHost: localhost\r\n\
+                 X-Forwarded-For: {forwarded_for}\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut buf = Vec::new();
+        tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+            .await
+            .expect("response in time")
+            .unwrap();
+        String::from_utf8_lossy(&buf)[9..12].to_string()
+    };
+    assert_eq!(get("203.0.113.7").await, "403");
+    assert_eq!(get("127.0.0.1").await, "200");
 }
 
 #[tokio::test]
