@@ -36,6 +36,8 @@ fn check_config_names_the_bad_key_and_exits_2() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The profile as a config file spells it, as the README's tour shows it.
+    assert!(String::from_utf8_lossy(&out.stdout).ends_with(": ok (profile dev)\n"));
 
     // prod without secrets is refused, naming what is missing.
     let prod = dir.join("prod.toml");
