@@ -324,6 +324,23 @@ mod tests {
     }
 
     #[test]
+    fn device_revocations_are_bounded_and_never_forgotten() {
+        let a = auth();
+        let base = 1_000_000_000_000;
+        for i in 0..=DEVICE_REVOCATIONS_PER_USER as i64 {
+            a.revoke("kim", Some(&format!("d{i}")), base + i * 1000);
+        }
+        let r = a.revoked.lock();
+        assert_eq!(r["kim"].devices.len(), DEVICE_REVOCATIONS_PER_USER);
+        drop(r);
+        // The oldest device's revocation became user-wide: its tokens stay refused, and so
+        // are other devices' tokens from before it (the safe side).
+        assert!(a.is_revoked(&id("kim", Some("d0"), Issued::Claim(base - 1000))));
+        assert!(a.is_revoked(&id("kim", Some("other"), Issued::Claim(base - 1000))));
+        assert!(!a.is_revoked(&id("kim", Some("other"), Issued::Claim(base + 1000))));
+    }
+
+    #[test]
     fn remote_results_compare_at_millisecond_resolution() {
         let a = auth();
         let at = 1_000_000_500;
