@@ -1,16 +1,13 @@
 //! Builds the gateway from its config, binds the listeners, and runs it until a graceful
 //! drain (SPEC §10).
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use parking_lot::Mutex;
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -20,6 +17,7 @@ use crate::auth::Authenticator;
 use crate::config::{Config, Profile, StateBackend};
 use crate::delivery::Delivery;
 use crate::hub::Hub;
+use crate::limits::Limits;
 use crate::ops::metrics;
 use crate::protocol::CloseCode;
 use crate::state::instrumented::Instrumented;
@@ -155,7 +153,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             Authenticator::new(Arc::new(verifier), &cfg.auth)
         }
     };
-    let hub = Arc::new(Hub::new(cfg.sessions.policy, cfg.sessions.max_per_user));
+    let hub = Arc::new(Hub::new(
+        cfg.sessions.policy,
+        cfg.sessions.max_per_user,
+        cfg.sessions.outbound_queue_bytes,
+    ));
     let memory = match cfg.state.backend {
         StateBackend::Memory => Arc::new(MemoryState::new(&cfg.state)),
         StateBackend::Redis => {
@@ -248,6 +250,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         next_id: AtomicU64::new(1),
     });
 
+    // Built before anything is spawned: a gRPC API that cannot start stops the start.
+    let grpc = match grpc {
+        Some(l) => Some((crate::grpc::server::Api::build(gw.clone()).await?, l)),
+        None => None,
+    };
     let background = TaskTracker::new();
     let stop_background = CancellationToken::new();
     if let Some(l) = http {
@@ -274,12 +281,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             stop_background.clone(),
         ));
     }
-    if let Some(l) = grpc {
-        background.spawn(crate::grpc::server::serve(
-            gw.clone(),
-            l,
-            stop_background.clone(),
-        ));
+    if let Some((api, l)) = grpc {
+        background.spawn(api.serve(l, stop_background.clone()));
     }
     if let Some(l) = ops {
         background.spawn(crate::ops::server::serve(
@@ -388,120 +391,4 @@ async fn wait_for_signal() {
     }
     #[cfg(not(unix))]
     let _ = tokio::signal::ctrl_c().await;
-}
-
-// ---- admission limits ---------------------------------------------------------------------
-
-/// Node connection limit, per-IP limit and the cap on unauthenticated sessions.
-pub struct Limits {
-    node: Arc<Semaphore>,
-    unauth: Arc<Semaphore>,
-    per_ip: Mutex<HashMap<IpAddr, u32>>,
-    max_per_ip: u32,
-    max_connections: usize,
-}
-
-/// Why a handshake was refused before the upgrade.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rejection {
-    NodeLimit,
-    IpLimit,
-    UnauthLimit,
-}
-
-impl Rejection {
-    pub fn reason(self) -> &'static str {
-        match self {
-            Rejection::NodeLimit => "node_limit",
-            Rejection::IpLimit => "ip_limit",
-            Rejection::UnauthLimit => "unauth_limit",
-        }
-    }
-}
-
-/// Held for a session's life; releases its slots when dropped.
-pub struct Permits {
-    _node: OwnedSemaphorePermit,
-    ip: Option<(Arc<Limits>, IpAddr)>,
-    unauth: Option<OwnedSemaphorePermit>,
-}
-
-impl Permits {
-    /// The session authenticated: it no longer counts as unauthenticated.
-    pub fn authenticated(&mut self) {
-        if self.unauth.take().is_some() {
-            metrics::unauthenticated_delta(-1);
-        }
-    }
-}
-
-impl Drop for Permits {
-    fn drop(&mut self) {
-        self.authenticated();
-        if let Some((limits, ip)) = self.ip.take() {
-            let mut map = limits.per_ip.lock();
-            if let Some(n) = map.get_mut(&ip) {
-                *n -= 1;
-                if *n == 0 {
-                    map.remove(&ip);
-                }
-            }
-        }
-    }
-}
-
-impl Limits {
-    pub fn new(cfg: &Config) -> Limits {
-        Limits {
-            node: Arc::new(Semaphore::new(cfg.limits.max_connections)),
-            unauth: Arc::new(Semaphore::new(cfg.limits.max_unauthenticated)),
-            per_ip: Mutex::new(HashMap::new()),
-            max_per_ip: cfg.limits.max_per_ip as u32,
-            max_connections: cfg.limits.max_connections,
-        }
-    }
-
-    /// Sessions holding a slot: open or in their handshake.
-    pub fn open(&self) -> usize {
-        self.max_connections - self.node.available_permits()
-    }
-
-    /// Take the slots a new session needs; `unauthenticated`: it will wait for an `auth` frame.
-    pub fn admit(
-        self: &Arc<Self>,
-        ip: IpAddr,
-        unauthenticated: bool,
-    ) -> Result<Permits, Rejection> {
-        let node = self
-            .node
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Rejection::NodeLimit)?;
-        let unauth = if unauthenticated {
-            let p = self
-                .unauth
-                .clone()
-                .try_acquire_owned()
-                .map_err(|_| Rejection::UnauthLimit)?;
-            metrics::unauthenticated_delta(1);
-            Some(p)
-        } else {
-            None
-        };
-        let mut permits = Permits {
-            _node: node,
-            ip: None,
-            unauth,
-        };
-        {
-            let mut map = self.per_ip.lock();
-            let n = map.entry(ip).or_insert(0);
-            if *n >= self.max_per_ip {
-                return Err(Rejection::IpLimit);
-            }
-            *n += 1;
-        }
-        permits.ip = Some((self.clone(), ip));
-        Ok(permits)
-    }
 }

@@ -16,8 +16,9 @@ use tracing::{debug, Instrument};
 
 use crate::auth::handshake::HandshakeParams;
 use crate::auth::{AuthError, Identity};
-use crate::gateway::{Gateway, Permits};
+use crate::gateway::Gateway;
 use crate::hub::{ConnHandle, ConnInfo, Control, PushItem};
+use crate::limits::Permits;
 use crate::ops::metrics;
 use crate::protocol::{ClientFrame, CloseCode, Codec, DecodeError, Reply, ServerFrame, Welcome};
 use crate::state::StateError;
@@ -288,6 +289,7 @@ impl<S: Session> Conn<S> {
         let control = Arc::new(Control::default());
         let handle = ConnHandle {
             info: info.clone(),
+            codec: self.codec,
             tx,
             control: control.clone(),
         };
@@ -339,6 +341,7 @@ impl<S: Session> Conn<S> {
                 biased;
                 (code, reason) = control.requested() => Err(End::Kick(code, reason)),
                 n = rx.recv_many(&mut items, batch) => {
+                    control.dequeued(queued_bytes(&items, self.codec));
                     if n == 0 {
                         Err(End::kick(CloseCode::Internal))
                     } else {
@@ -371,6 +374,7 @@ impl<S: Session> Conn<S> {
                 while let Ok(item) = rx.try_recv() {
                     items.push(item);
                 }
+                control.dequeued(queued_bytes(&items, self.codec));
                 let _ = self.on_pushes(&mut sync, &info, &mut items).await;
             }
         }
@@ -477,6 +481,11 @@ impl<S: Session> Conn<S> {
             if !progressed {
                 break; // trimmed or expired meanwhile: nothing more to send
             }
+            // Paced like replay: write each batch before reading the next, so a large gap
+            // is never held in memory whole.
+            if sync.last_sent < upto {
+                self.flush().await?;
+            }
         }
         Ok(())
     }
@@ -496,12 +505,22 @@ impl<S: Session> Conn<S> {
             sync.complete = false;
         }
         let n = range.messages.len();
+        // A batch is bounded in bytes too (the connection's outbound budget): 200 large
+        // entries would otherwise be one multi-megabyte write per reconnecting device.
+        let budget = self.gw.cfg.sessions.outbound_queue_bytes;
+        let mut bytes = 0;
+        let mut cut = false;
         for m in range.messages {
+            if bytes >= budget {
+                cut = true;
+                break;
+            }
+            bytes += m.body.len();
             sync.last_sent = m.seq;
             sync.replayed += 1;
             self.queue_stored(m, &range.epoch);
         }
-        if n >= limit && sync.last_sent < range.head_seq {
+        if (cut || n >= limit) && sync.last_sent < range.head_seq {
             sync.awaiting_ack = Some(sync.last_sent);
             return Ok(());
         }
@@ -712,7 +731,8 @@ impl<S: Session> Conn<S> {
                 "no traffic from the client".into(),
             ));
         }
-        self.session.ping().await.map_err(End::from)
+        let limit = self.gw.cfg.limits.write_timeout;
+        bounded(limit, self.control.as_deref(), self.session.ping()).await
     }
 
     // ---- output -------------------------------------------------------------------------
@@ -733,34 +753,23 @@ impl<S: Session> Conn<S> {
         self.out.push(self.codec.encode(&frame));
     }
 
-    /// Write everything queued in one batch, bounded in time: a client that cannot take a
-    /// write within the idle timeout is treated as gone.
+    /// Write everything queued in one batch, bounded (SPEC §9 `limits.write_timeout`): a
+    /// client that does not take a write in time is treated as gone.
     async fn flush(&mut self) -> Result<(), End> {
         if self.out.is_empty() {
             return Ok(());
         }
-        let limit = self.gw.cfg.sessions.idle_timeout;
-        let write = tokio::time::timeout(limit, self.session.send(&self.out));
-        let written = match &self.control {
-            // A write blocked on a client that does not read must not hide a close request
-            // (a 4100 from a full queue, a kick, the drain).
-            Some(control) => tokio::select! {
-                r = write => r,
-                (code, reason) = control.requested() => {
-                    // What was not handed to the socket is dropped: a slow consumer is made
-                    // whole by replay, and a partly written frame completes before the kick.
-                    self.out.clear();
-                    self.out_types.clear();
-                    self.out_pushes.clear();
-                    return Err(End::Kick(code, reason));
-                }
-            },
-            None => write.await,
-        };
-        match written {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(End::from(e)),
-            Err(_) => return Err(End::Gone(false)),
+        let limit = self.gw.cfg.limits.write_timeout;
+        let written = bounded(limit, self.control.as_deref(), self.session.send(&self.out)).await;
+        if let Err(end) = written {
+            if matches!(end, End::Kick(..)) {
+                // What was not handed to the socket is dropped: a slow consumer is made
+                // whole by replay, and a partly written frame completes before the kick.
+                self.out.clear();
+                self.out_types.clear();
+                self.out_pushes.clear();
+            }
+            return Err(end);
         }
         let t = self.transport.as_str();
         metrics::bytes_sent(t, self.out.iter().map(|b| b.len() as u64).sum());
@@ -784,7 +793,11 @@ impl<S: Session> Conn<S> {
                     reason: reason.clone(),
                 });
                 if let Ok(Ok(())) = tokio::time::timeout(FINAL_WRITE, self.flush()).await {
-                    self.session.close(code.code(), &reason).await;
+                    // The close frame is a write too: a client that stopped reading right
+                    // after the kick must not hold the connection (and its slots) open.
+                    let _ =
+                        tokio::time::timeout(FINAL_WRITE, self.session.close(code.code(), &reason))
+                            .await;
                 }
                 code.as_str()
             }
@@ -806,6 +819,34 @@ fn frame_id(frame: &Result<ClientFrame, DecodeError>) -> Option<String> {
         }
     }
     .filter(|id| !id.is_empty())
+}
+
+/// What `items` weighed in their connection's outbound byte budget.
+fn queued_bytes(items: &[Arc<PushItem>], codec: Codec) -> usize {
+    items.iter().map(|i| i.encoded(codec).len()).sum()
+}
+
+/// A write to the client, bounded by `limit` and given up when the connection is asked to
+/// close meanwhile (a 4100 from a full queue, a kick, the drain): a write blocked on a client
+/// that does not read must hide neither.
+async fn bounded(
+    limit: Duration,
+    control: Option<&Control>,
+    write: impl std::future::Future<Output = Result<(), SessionError>>,
+) -> Result<(), End> {
+    let write = tokio::time::timeout(limit, write);
+    let written = match control {
+        Some(control) => tokio::select! {
+            r = write => r,
+            (code, reason) = control.requested() => return Err(End::Kick(code, reason)),
+        },
+        None => write.await,
+    };
+    match written {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(End::from(e)),
+        Err(_) => Err(End::Gone(false)),
+    }
 }
 
 fn auth_end(e: AuthError) -> End {

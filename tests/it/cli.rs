@@ -206,3 +206,43 @@ async fn logs_to_a_file_are_plain_and_carry_no_token() {
     assert!(!text.contains('\u{1b}'), "colour codes in a file");
     assert!(!text.contains("Some("), "Rust Debug formatting");
 }
+
+/// The security review's fail-open file: no `profile`, a real secret. It must not start the
+/// dev profile (which would mint tokens signed with that secret): exit 2 naming the key.
+#[test]
+fn a_file_without_profile_is_refused() {
+    let dir = std::env::temp_dir().join(format!("imgate-noprofile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("c.toml");
+    std::fs::write(
+        &file,
+        "[listen]\nhttp = \"127.0.0.1:0\"\nhttps = \"\"\nwebtransport = \"\"\ngrpc = \"\"\nops = \"\"\n[auth]\njwt_secret = \"real\"\n",
+    )
+    .unwrap();
+    let out = imgate().arg("check-config").arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("profile"));
+
+    let mut serve = imgate()
+        .arg("serve")
+        .arg("--config")
+        .arg(&file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Bounded: a gateway that started anyway is killed and the test fails.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = serve.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            serve.kill().ok();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(status.and_then(|s| s.code()), Some(2), "serve refuses it");
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -494,6 +494,30 @@ async fn push_stream_answers_in_order_and_items_fail_alone() {
     }
 }
 
+/// A request stream that breaks (here an item over the decoding limit) ends the response with
+/// that error, not with OK: a pusher must not take the missing results for success.
+#[tokio::test]
+async fn push_stream_ends_with_the_error_that_broke_it() {
+    let gw = TestGateway::start().await;
+    let mut api = client(&gw, Some("dev-key")).await;
+    let huge = "x".repeat(1024 * 1024);
+    let reqs = vec![
+        push("sam", "1", pb::Delivery::Transient),
+        push("sam", &huge, pb::Delivery::Transient),
+        push("sam", "3", pb::Delivery::Transient),
+    ];
+    let mut results = api
+        .push_stream(tokio_stream::iter(reqs))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(WAIT, results.message()).await.unwrap();
+    assert!(first.unwrap().unwrap().error_code.is_empty());
+    let end = tokio::time::timeout(WAIT, results.message()).await.unwrap();
+    let status = end.expect_err("the stream ends with an error status");
+    assert_ne!(status.code(), Code::Ok, "{status:?}");
+}
+
 /// A pusher much faster than one client: that client is closed with 4100, the stream is
 /// never held back by it, and the client is made whole on reconnect.
 #[tokio::test]
