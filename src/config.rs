@@ -26,6 +26,16 @@ pub enum Profile {
     Prod,
 }
 
+impl Profile {
+    /// The name a config file uses: `dev` or `prod` (for logs and CLI output).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Profile::Dev => "dev",
+            Profile::Prod => "prod",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {

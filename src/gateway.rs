@@ -72,15 +72,19 @@ impl Gateway {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Close a user's connections (all, or one device's) with 4502 and revoke the user's
-    /// tokens issued until now, so a kicked client cannot simply reconnect (SPEC §2).
+    /// Close a user's connections with 4502 and revoke their tokens issued until now, so
+    /// a kicked client cannot simply reconnect (SPEC §2). With `device`, only that device:
+    /// its connections and the tokens whose `did` is that device; the user's other devices
+    /// keep their sessions and tokens.
     pub async fn kick_user(
         &self,
         user: &str,
         device: Option<&str>,
         reason: &str,
     ) -> Result<u32, crate::state::StateError> {
-        self.revoke_tokens(user).await?;
+        // The revocation is recorded before the hub is asked for the connections: a session
+        // that registers after `hub.kick` looked checks it (session::serve).
+        self.revoke_tokens(user, device).await?;
         let reason = if reason.is_empty() {
             CloseCode::Kicked.reason()
         } else {
@@ -89,12 +93,16 @@ impl Gateway {
         Ok(self.hub.kick(user, device, CloseCode::Kicked, reason))
     }
 
-    /// Refuse from now on every token of `user` issued until now; returns the cache
-    /// entries evicted.
-    pub async fn revoke_tokens(&self, user: &str) -> Result<u32, crate::state::StateError> {
+    /// Refuse from now on every token of `user` issued until now (of its device `device`
+    /// only, when given); returns the cache entries evicted.
+    pub async fn revoke_tokens(
+        &self,
+        user: &str,
+        device: Option<&str>,
+    ) -> Result<u32, crate::state::StateError> {
         let now = crate::now_ms();
-        self.state.revoke(user, now).await?;
-        Ok(self.auth.revoke_user(user, now))
+        self.state.revoke(user, device, now).await?;
+        Ok(self.auth.revoke(user, device, now))
     }
 }
 
@@ -290,8 +298,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     metrics::draining(false);
     info!(
         instance = %gw.instance_id,
-        http = ?addrs.http, https = ?addrs.https, webtransport = ?addrs.webtransport, grpc = ?addrs.grpc, ops = ?addrs.ops,
-        profile = ?gw.cfg.profile,
+        http = %shown(addrs.http), https = %shown(addrs.https),
+        webtransport = %shown(addrs.webtransport), grpc = %shown(addrs.grpc), ops = %shown(addrs.ops),
+        profile = %gw.cfg.profile.as_str(),
         "imgate started"
     );
     Ok(Running {
@@ -300,6 +309,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         background,
         stop_background,
     })
+}
+
+/// A listener's address for the logs: `127.0.0.1:8080`, or `off`.
+fn shown(addr: Option<SocketAddr>) -> String {
+    addr.map_or_else(|| "off".to_string(), |a| a.to_string())
 }
 
 /// Periodic work: inbox expiry and the state-store health gauge.

@@ -393,7 +393,7 @@ impl GatewayApi for GatewayService {
         check_id("user_id", &req.user_id)?;
         let evicted = self
             .gw
-            .revoke_tokens(&req.user_id)
+            .revoke_tokens(&req.user_id, None)
             .await
             .map_err(unavailable)?;
         Ok(Response::new(InvalidateTokensResponse { evicted }))
@@ -455,6 +455,31 @@ impl GatewayApi for GatewayService {
     }
 }
 
+/// The services this listener serves, and only those: proto/ also describes `Business` and
+/// `Auth`, which the gateway calls but does not serve, and listing them would advertise
+/// methods that answer UNIMPLEMENTED.
+pub const SERVED: [&str; 4] = [
+    "imgate.v1.Gateway",
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+/// Reflection over the served services, with the descriptors of both reflection versions,
+/// since both are served.
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    let mut b = tonic_reflection::server::Builder::configure()
+        .include_reflection_service(false)
+        .register_encoded_file_descriptor_set(super::pb::DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET);
+    for name in SERVED {
+        b = b.with_service_name(name);
+    }
+    b
+}
+
 /// The gRPC API, built before the gateway reports itself started: TLS material that cannot
 /// be read, or a configuration that would serve the API without credentials, stops the start
 /// instead of leaving a bound port that never answers (or answers anyone).
@@ -485,13 +510,15 @@ impl Api {
         }
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<GatewayServer<GatewayService>>().await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(super::pb::DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
+        let reflection = reflection_builder().build_v1()?;
+        // Older clients (grpcurl before 1.8.8, many language tools) speak only v1alpha.
+        let reflection_v1alpha = reflection_builder().build_v1alpha()?;
         let gateway = GatewayServer::new(GatewayService::new(gw.clone()))
             .max_decoding_message_size(gw.cfg.limits.max_push_body.max(64 * 1024) * 2 + 64 * 1024);
-        let builder = builder.add_service(health_service).add_service(reflection);
+        let builder = builder
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(reflection_v1alpha);
         let router = if mtls_only {
             builder.add_service(gateway)
         } else {
@@ -506,7 +533,9 @@ impl Api {
     /// Serve the gRPC listener until `stop` (after the drain: unary calls are served while
     /// draining, open streams end with UNAVAILABLE when it begins).
     pub async fn serve(self, listener: TcpListener, stop: CancellationToken) {
-        info!(addr = ?listener.local_addr().ok(), "gRPC listening");
+        if let Ok(addr) = listener.local_addr() {
+            info!(%addr, "gRPC listening");
+        }
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         if let Err(e) = self
             .router

@@ -245,10 +245,11 @@ impl<S: Session> Conn<S> {
             let Some(data) = self.inbound_frame(inbound)? else {
                 continue;
             };
-            if !self.within_rate()? {
+            let decoded = self.codec.decode(&data);
+            if !self.within_rate(&decoded)? {
                 continue;
             }
-            match self.codec.decode(&data) {
+            match decoded {
                 Ok(ClientFrame::Auth { token, since }) => {
                     self.count_received("auth");
                     let id = self.gw.auth.authenticate(&token).await.map_err(auth_end)?;
@@ -261,7 +262,7 @@ impl<S: Session> Conn<S> {
                         ts: crate::now_ms(),
                     });
                 }
-                Ok(_) | Err(DecodeError::UnknownType(_)) | Err(DecodeError::BadSend { .. }) => {
+                Ok(_) | Err(DecodeError::UnknownType { .. }) | Err(DecodeError::BadSend { .. }) => {
                     return Err(End::Kick(
                         CloseCode::Unauthorized,
                         "authenticate first".into(),
@@ -313,6 +314,14 @@ impl<S: Session> Conn<S> {
             gw: gw.clone(),
             info: info.clone(),
         };
+        // The token was checked before registration: a `KickUser` or `InvalidateTokens`
+        // that ran in between found nothing to close (WebTransport stretches that gap to
+        // the time the client takes to open its control stream). Revocations are recorded
+        // before the hub is searched, so looking again now that the session is in the hub
+        // closes the gap (SPEC §2).
+        if gw.auth.is_revoked(&identity) {
+            return End::kick(CloseCode::Kicked);
+        }
         if let Some(status) = &gw.status {
             status.notify(crate::grpc::business::change(&info, &gw.instance_id, true));
         }
@@ -321,7 +330,7 @@ impl<S: Session> Conn<S> {
         if gw.is_draining() {
             return End::kick(CloseCode::Draining);
         }
-        self.arm_expiry(identity.expires_at_ms);
+        self.arm_expiry(gw.auth.session_deadline_ms(&identity));
 
         let mut sync = match Box::pin(self.welcome(&info, &identity, since.as_deref())).await {
             Ok(sync) => sync,
@@ -594,8 +603,9 @@ impl<S: Session> Conn<S> {
         Ok(Some(data))
     }
 
-    /// The inbound rate limit (SPEC §3): whether to handle this frame.
-    fn within_rate(&mut self) -> Result<bool, End> {
+    /// The inbound rate limit (SPEC §3): whether to handle this frame. The one `error`
+    /// sent per window carries the id of the frame that went over, when it had one.
+    fn within_rate(&mut self, frame: &Result<ClientFrame, DecodeError>) -> Result<bool, End> {
         let t = self.transport.as_str();
         match self.rate.check(Instant::now()) {
             Verdict::Allow => Ok(true),
@@ -607,7 +617,7 @@ impl<S: Session> Conn<S> {
                         "more than {} frames per second",
                         self.gw.cfg.limits.rate_per_sec
                     ),
-                    id: None,
+                    id: frame_id(frame),
                 });
                 Ok(false)
             }
@@ -633,18 +643,18 @@ impl<S: Session> Conn<S> {
         // An ack that moves this device forward is never rate limited: dropping one would
         // stall a replay paced by acks. Everything else counts.
         let useful_ack = matches!(&decoded, Ok(ClientFrame::Ack { seq, .. }) if *seq > sync.acked && *seq <= sync.last_sent);
-        if !useful_ack && !self.within_rate()? {
+        if !useful_ack && !self.within_rate(&decoded)? {
             return Ok(());
         }
         let frame = match decoded {
             Ok(f) => f,
             Err(DecodeError::Malformed(m)) => return Err(End::Kick(CloseCode::ProtocolError, m)),
-            Err(DecodeError::UnknownType(ty)) => {
+            Err(DecodeError::UnknownType { ty, id }) => {
                 self.count_received("unknown");
                 self.queue(ServerFrame::Error {
                     code: "unknown_type".into(),
                     message: format!("unknown frame type {ty:?}"),
-                    id: None,
+                    id,
                 });
                 return Ok(());
             }
@@ -710,7 +720,7 @@ impl<S: Session> Conn<S> {
     async fn reauth(&mut self, token: &str, identity: &Identity) {
         match self.gw.auth.authenticate(token).await {
             Ok(new) if new.user == identity.user => {
-                self.arm_expiry(new.expires_at_ms);
+                self.arm_expiry(self.gw.auth.session_deadline_ms(&new));
                 self.queue(ServerFrame::Reauth {
                     token_expires_at_ms: new.expires_at_ms,
                 });
@@ -809,6 +819,20 @@ impl<S: Session> Conn<S> {
             End::Gone(false) => "1006",
         }
     }
+}
+
+/// The client's `id` of a frame, when it has one, for an `error` about that frame.
+fn frame_id(frame: &Result<ClientFrame, DecodeError>) -> Option<String> {
+    match frame {
+        Ok(ClientFrame::Ping { id }) => id.clone(),
+        Ok(ClientFrame::Send(s)) => Some(s.id.clone()),
+        Err(DecodeError::UnknownType { id, .. }) => id.clone(),
+        Err(DecodeError::BadSend { id, .. }) => Some(id.clone()),
+        Ok(ClientFrame::Auth { .. } | ClientFrame::Ack { .. }) | Err(DecodeError::Malformed(_)) => {
+            None
+        }
+    }
+    .filter(|id| !id.is_empty())
 }
 
 /// What `items` weighed in their connection's outbound byte budget.

@@ -266,7 +266,8 @@ fn json(status: StatusCode, body: String) -> Response<Body> {
     r
 }
 
-/// `GET /dev/token?user=U&device=D&platform=P` (dev profile only).
+/// `GET /dev/token?user=U[&device=D][&platform=P]` (dev profile only): `{"token": …}`, HS256 with the
+/// configured (or dev) secret, valid 1 h (loopback clients only: see `route`).
 fn dev_token(gw: &Gateway, req: &Request<Incoming>) -> Response<Body> {
     let mut user = None;
     let mut device = None;
@@ -289,7 +290,19 @@ fn dev_token(gw: &Gateway, req: &Request<Incoming>) -> Response<Body> {
         .as_deref()
         .is_some_and(|d| !crate::protocol::valid_id(d))
     {
-        return plain(StatusCode::BAD_REQUEST, "bad device id\n");
+        return plain(
+            StatusCode::BAD_REQUEST,
+            "device must be 1-128 chars of A-Z a-z 0-9 . _ : @ -\n",
+        );
+    }
+    if platform
+        .as_deref()
+        .is_some_and(|p| !crate::auth::jwt::PLATFORMS.contains(&p))
+    {
+        return plain(
+            StatusCode::BAD_REQUEST,
+            "platform must be ios, android, web, desktop or other\n",
+        );
     }
     let secret = gw.cfg.jwt_secret().unwrap_or_default();
     match crate::auth::jwt::issue_hs256(

@@ -1049,3 +1049,73 @@ async fn pushes_and_frames_move_their_metrics() {
     })
     .await;
 }
+
+/// Reflection answers over both versions clients use, and lists only what is served here
+/// (`grpcurl list` must not advertise `Business` or `Auth`, which answer UNIMPLEMENTED).
+#[tokio::test]
+async fn reflection_over_v1_and_v1alpha_lists_the_served_services() {
+    use tonic_reflection::pb::{v1, v1alpha};
+    let gw = TestGateway::start().await;
+    let channel = Channel::from_shared(format!("http://{}", gw.grpc.unwrap()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let want = vec![
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "imgate.v1.Gateway",
+    ];
+
+    let mut client = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let req = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut answers = tokio::time::timeout(
+        WAIT,
+        client.server_reflection_info(tokio_stream::iter([req])),
+    )
+    .await
+    .expect("in time")
+    .unwrap()
+    .into_inner();
+    let answer = answers.message().await.unwrap().unwrap();
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        answer.message_response
+    else {
+        panic!("not a service list: {answer:?}");
+    };
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    assert_eq!(names, want);
+
+    let mut client = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
+    let req = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "imgate.v1.Gateway".into(),
+            ),
+        ),
+    };
+    let mut answers = tokio::time::timeout(
+        WAIT,
+        client.server_reflection_info(tokio_stream::iter([req])),
+    )
+    .await
+    .expect("in time")
+    .unwrap()
+    .into_inner();
+    let answer = answers.message().await.unwrap().unwrap();
+    assert!(
+        matches!(
+            answer.message_response,
+            Some(v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(_))
+        ),
+        "{answer:?}"
+    );
+}

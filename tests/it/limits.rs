@@ -42,6 +42,14 @@ over_transports!(
         c.send(json!({"type": "teleport"})).await;
         let e = c.expect("error").await;
         assert_eq!(e["code"], "unknown_type");
+        assert!(e.get("id").is_none(), "{e}");
+        // With an id, the error says which frame it is about.
+        c.send(json!({"type": "frobnicate", "id": "u1"})).await;
+        let e = c.expect("error").await;
+        assert_eq!(
+            (e["code"].as_str(), e["id"].as_str()),
+            (Some("unknown_type"), Some("u1"))
+        );
         c.send(json!({"type": "send", "id": "r1", "body": "no target"}))
             .await;
         let r = c.expect("reply").await;
@@ -73,7 +81,12 @@ over_transports!(rate_limit_then_4104, |kind: Kind| async move {
     for i in 0..5 {
         assert_eq!(c.expect("pong").await["id"], i.to_string());
     }
-    assert_eq!(c.expect("error").await["code"], "rate_limited");
+    let e = c.expect("error").await;
+    // The error names the first frame over the limit.
+    assert_eq!(
+        (e["code"].as_str(), e["id"].as_str()),
+        (Some("rate_limited"), Some("5"))
+    );
     // Keep flooding until the server gives up on us.
     let flood = async {
         loop {

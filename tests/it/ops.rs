@@ -148,6 +148,12 @@ async fn cert_hash_and_dev_token() {
         gw.http_get(gw.http, "/dev/token?user=bad%20id").await.0,
         400
     );
+    assert_eq!(
+        gw.http_get(gw.http, "/dev/token?user=a&platform=toaster")
+            .await
+            .0,
+        400
+    );
 }
 
 #[tokio::test]
@@ -273,4 +279,41 @@ async fn dashboard_queries_exported_metrics() {
             "the dashboard queries {name}, which is not exported"
         );
     }
+}
+
+/// The metrics table in docs/operations.md lists every metric the gateway exports, and the
+/// `reason` values of every `reason` label that is exported.
+#[tokio::test]
+async fn operations_doc_lists_every_exported_metric_and_reason() {
+    let gw = TestGateway::start().await;
+    let (_, text) = gw.http_get(gw.ops, "/metrics").await;
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md"))
+        .unwrap();
+    let table: Vec<&str> = doc
+        .lines()
+        .filter(|l| l.starts_with("| `imgate_"))
+        .collect();
+    let mut exported = 0;
+    for name in text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+    {
+        exported += 1;
+        let row = table
+            .iter()
+            // The first cell names the metric (or two that share a row).
+            .find(|r| r.split('|').nth(1).unwrap().contains(&format!("`{name}`")))
+            .unwrap_or_else(|| panic!("{name} is exported but not in the metrics table"));
+        for line in text.lines().filter(|l| l.starts_with(&format!("{name}{{"))) {
+            if let Some(at) = line.find("reason=\"") {
+                let value = line[at + 8..].split('"').next().unwrap();
+                assert!(
+                    row.contains(&format!("`{value}`")),
+                    "{name}: reason {value} is not documented"
+                );
+            }
+        }
+    }
+    assert!(exported > 20, "{exported} metrics exported");
 }
