@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use imgate::config::StateConfig;
 use imgate::state::memory::MemoryState;
+use imgate::state::Settings;
 use imgate::state::{NewMessage, State};
 
 fn rss_kib() -> u64 {
@@ -26,7 +26,7 @@ async fn main() {
     const USERS: usize = 10_000;
     const PER_USER: usize = 100;
     const BODY: usize = 64;
-    let state = Arc::new(MemoryState::new(&StateConfig::default()));
+    let state = Arc::new(MemoryState::new(&Settings::default()));
     let body = Bytes::from(vec![b'x'; BODY]);
     let before = rss_kib();
     let started = Instant::now();

@@ -77,6 +77,16 @@ pub struct StateConfig {
     #[serde(with = "duration")]
     pub dedupe_window: Duration,
     pub replay_limit: usize,
+    /// Prefix of every Redis key this gateway writes (several deployments can share one
+    /// Redis). No `{` or `}`: those would change the Redis Cluster hash tag.
+    pub key_prefix: String,
+    /// Bound on every state operation: a dead store answers UNAVAILABLE this fast.
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+    /// Redis: presence of an instance that stopped refreshing it (it died) disappears after
+    /// this long. Refreshed every `presence_ttl / 3` (at most every 5 s).
+    #[serde(with = "duration")]
+    pub presence_ttl: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -173,6 +183,9 @@ pub struct SessionsConfig {
     pub outbound_queue: usize,
     /// Most frames written per flush.
     pub write_batch: usize,
+    /// Device cursors kept per user; beyond it the least recently acked device's cursor is
+    /// forgotten (that device then resumes from the user's cursor).
+    pub max_devices: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -292,6 +305,9 @@ impl Default for StateConfig {
             inbox_ttl: Duration::from_secs(7 * 24 * 3600),
             dedupe_window: Duration::from_secs(600),
             replay_limit: 200,
+            key_prefix: "imgate:".into(),
+            timeout: Duration::from_secs(1),
+            presence_ttl: Duration::from_secs(30),
         }
     }
 }
@@ -335,6 +351,7 @@ impl Default for SessionsConfig {
             idle_timeout: Duration::from_secs(60),
             outbound_queue: 256,
             write_batch: 32,
+            max_devices: 64,
         }
     }
 }
@@ -558,6 +575,7 @@ impl Config {
             ("state.inbox_max", self.state.inbox_max),
             ("state.replay_limit", self.state.replay_limit),
             ("sessions.max_per_user", self.sessions.max_per_user),
+            ("sessions.max_devices", self.sessions.max_devices),
             ("sessions.outbound_queue", self.sessions.outbound_queue),
             ("sessions.write_batch", self.sessions.write_batch),
             ("limits.max_frame", self.limits.max_frame),
@@ -587,6 +605,8 @@ impl Config {
             ("auth.auth_timeout", self.auth.auth_timeout),
             ("limits.handshake_timeout", self.limits.handshake_timeout),
             ("upstream.timeout", self.upstream.timeout),
+            ("state.timeout", self.state.timeout),
+            ("state.presence_ttl", self.state.presence_ttl),
         ] {
             if d.is_zero() {
                 return Err(invalid(key, "must be greater than 0"));
@@ -627,16 +647,14 @@ impl Config {
                 "required when auth.mode = \"grpc\"",
             ));
         }
-        if self.state.backend == StateBackend::Redis
-            && !self
-                .state
-                .redis_url
-                .split(',')
-                .all(|u| u.trim().starts_with("redis://") || u.trim().starts_with("rediss://"))
-        {
+        if self.state.backend == StateBackend::Redis {
+            crate::state::redis::parse_urls(&self.state.redis_url)
+                .map_err(|e| invalid("state.redis_url", e))?;
+        }
+        if self.state.key_prefix.contains(['{', '}']) {
             return Err(invalid(
-                "state.redis_url",
-                "redis:// or rediss:// URLs (comma-separated for a cluster)",
+                "state.key_prefix",
+                "no { or }: they would change the Redis Cluster hash tag of every key",
             ));
         }
         if (self.tls.cert_file.is_empty()) != (self.tls.key_file.is_empty()) {

@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::auth::handshake::{OriginPolicy, TrustedProxies};
 use crate::auth::Authenticator;
@@ -24,6 +24,7 @@ use crate::ops::metrics;
 use crate::protocol::CloseCode;
 use crate::state::instrumented::Instrumented;
 use crate::state::memory::MemoryState;
+use crate::state::redis::RedisState;
 use crate::state::State;
 use crate::tls::CertStore;
 use crate::transport::Transport;
@@ -148,13 +149,26 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         }
     };
     let hub = Arc::new(Hub::new(cfg.sessions.policy, cfg.sessions.max_per_user));
-    let memory = match cfg.state.backend {
-        StateBackend::Memory => Arc::new(MemoryState::new(&cfg.state)),
+    let settings = crate::state::Settings::from_config(&cfg);
+    let state: Arc<dyn State> = match cfg.state.backend {
+        StateBackend::Memory => Arc::new(Instrumented::new(Arc::new(MemoryState::new(&settings)))),
         StateBackend::Redis => {
-            anyhow::bail!("state.backend = \"redis\" is not available in this build yet")
+            let redis = RedisState::connect(&settings)
+                .await
+                .map_err(|e| anyhow::anyhow!(e.chain()))
+                .context("state.redis_url")?;
+            Arc::new(Instrumented::new(Arc::new(redis)))
         }
     };
-    let state: Arc<dyn State> = Arc::new(Instrumented::new(memory.clone()));
+    // Mark this instance alive before it serves, so its connections' presence shows.
+    let state_up_at_start = match state.maintain(&instance_id).await {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(error = %e.chain(), "the state store does not answer yet: durable pushes fail until it does");
+            false
+        }
+    };
+    metrics::state_up(state_up_at_start);
     let delivery = Arc::new(Delivery::new(hub.clone(), state.clone()));
     let (upstream, status) = match cfg.upstream.mode {
         crate::config::UpstreamMode::Relay => (Upstream::Relay(delivery.clone()), None),
@@ -236,7 +250,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         shutdown: CancellationToken::new(),
         sessions: TaskTracker::new(),
         draining: AtomicBool::new(false),
-        state_up: AtomicBool::new(true),
+        state_up: AtomicBool::new(state_up_at_start),
         next_id: AtomicU64::new(1),
     });
 
@@ -283,7 +297,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     if let Some(certs) = &gw.certs {
         background.spawn(certs.spawn_maintenance(stop_background.clone()));
     }
-    background.spawn(maintenance(gw.clone(), memory, stop_background.clone()));
+    background.spawn(maintenance(gw.clone(), stop_background.clone()));
     metrics::draining(false);
     info!(
         instance = %gw.instance_id,
@@ -299,17 +313,36 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     })
 }
 
-/// Periodic work: inbox expiry and the state-store health gauge.
-async fn maintenance(gw: Arc<Gateway>, memory: Arc<MemoryState>, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
+/// How often the state store's upkeep runs: often enough to refresh presence well within
+/// `state.presence_ttl`, and to notice the store going down or coming back.
+fn maintenance_period(cfg: &Config) -> Duration {
+    (cfg.state.presence_ttl / 3).clamp(Duration::from_millis(100), Duration::from_secs(5))
+}
+
+/// Periodic work: the backend's upkeep (memory: expiry; Redis: this instance's presence
+/// stays alive) and the state-store health gauge.
+async fn maintenance(gw: Arc<Gateway>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(maintenance_period(&gw.cfg));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        memory.sweep();
-        let up = gw.state.ping().await.is_ok();
-        gw.state_up.store(up, Ordering::Relaxed);
+        let up = match gw.state.maintain(&gw.instance_id).await {
+            Ok(()) => gw.state.ping().await.is_ok(),
+            Err(e) => {
+                debug!(error = %e.chain(), "state store upkeep failed");
+                false
+            }
+        };
+        if up != gw.state_up.swap(up, Ordering::Relaxed) {
+            if up {
+                info!("the state store answers again");
+            } else {
+                warn!("the state store does not answer: durable pushes fail with UNAVAILABLE");
+            }
+        }
         metrics::state_up(up);
     }
 }

@@ -152,7 +152,8 @@ fn durable(delivery: i32) -> Result<bool, Status> {
 }
 
 fn unavailable(e: StateError) -> Status {
-    Status::unavailable(e.to_string())
+    // The cause (refused, timed out...) tells the caller whether to retry now or later.
+    Status::unavailable(e.chain())
 }
 
 fn result(user_id: String, out: PushOutcome) -> PushResult {
@@ -212,16 +213,27 @@ impl GatewayApi for GatewayService {
             self.batch("user_ids", &req.user_ids)?;
             let durable = durable(req.delivery)?;
             let msg = self.message(req.message)?;
-            let mut results = Vec::with_capacity(req.user_ids.len());
-            for (i, user) in req.user_ids.into_iter().enumerate() {
-                if i % YIELD_EVERY == YIELD_EVERY - 1 {
-                    tokio::task::yield_now().await;
+            let results = if durable {
+                let outs = self.gw.delivery.push_durable_many(&req.user_ids, msg).await;
+                req.user_ids
+                    .into_iter()
+                    .zip(outs)
+                    .map(|(user, out)| match out {
+                        Ok(out) => result(user, out),
+                        Err(e) => failed(user, &unavailable(e)),
+                    })
+                    .collect()
+            } else {
+                let mut results = Vec::with_capacity(req.user_ids.len());
+                for (i, user) in req.user_ids.into_iter().enumerate() {
+                    if i % YIELD_EVERY == YIELD_EVERY - 1 {
+                        tokio::task::yield_now().await;
+                    }
+                    let out = self.gw.delivery.push_transient(&user, msg.clone());
+                    results.push(result(user, out));
                 }
-                results.push(match self.push(&user, msg.clone(), durable).await {
-                    Ok(out) => result(user, out),
-                    Err(e) => failed(user, &unavailable(e)),
-                });
-            }
+                results
+            };
             Ok(PushToUsersResponse { results })
         }
         .await;
@@ -243,19 +255,25 @@ impl GatewayApi for GatewayService {
                 .group_members(&req.group_id)
                 .await
                 .map_err(unavailable)?;
-            let mut resp = PushToGroupResponse::default();
-            for (i, user) in members
-                .iter()
+            let members: Vec<String> = members
+                .into_iter()
                 .filter(|m| !req.exclude_user_ids.contains(m))
-                .enumerate()
-            {
-                if i % YIELD_EVERY == YIELD_EVERY - 1 {
-                    tokio::task::yield_now().await;
+                .collect();
+            let mut resp = PushToGroupResponse::default();
+            let outs = if durable {
+                self.gw.delivery.push_durable_many(&members, msg).await
+            } else {
+                let mut outs = Vec::with_capacity(members.len());
+                for (i, user) in members.iter().enumerate() {
+                    if i % YIELD_EVERY == YIELD_EVERY - 1 {
+                        tokio::task::yield_now().await;
+                    }
+                    outs.push(Ok(self.gw.delivery.push_transient(user, msg.clone())));
                 }
-                let out = self
-                    .push(user, msg.clone(), durable)
-                    .await
-                    .map_err(unavailable)?;
+                outs
+            };
+            for out in outs {
+                let out = out.map_err(unavailable)?;
                 resp.members += 1;
                 resp.online += u32::from(out.online);
                 resp.delivered += out.delivered;
@@ -306,30 +324,36 @@ impl GatewayApi for GatewayService {
     ) -> Result<Response<GetUserStatusResponse>, Status> {
         let req = req.into_inner();
         self.batch("user_ids", &req.user_ids)?;
-        let mut statuses = Vec::with_capacity(req.user_ids.len());
-        for user in req.user_ids {
-            // Presence spans every instance (with a shared store), not only this one's hub.
-            let devices: Vec<DeviceStatus> = self
-                .gw
-                .state
-                .presence(&user)
-                .await
-                .map_err(unavailable)?
-                .into_iter()
-                .map(|p| DeviceStatus {
-                    device_id: p.device,
-                    platform: p.platform,
-                    transport: p.transport,
-                    instance_id: p.instance,
-                    connected_at_ms: p.connected_at_ms,
-                })
-                .collect();
-            statuses.push(UserStatus {
-                user_id: user,
-                online: !devices.is_empty(),
-                devices,
-            });
-        }
+        // Presence spans every instance (with a shared store), not only this one's hub; one
+        // batched lookup for all users.
+        let lists = self
+            .gw
+            .state
+            .presence_many(&req.user_ids)
+            .await
+            .map_err(unavailable)?;
+        let statuses = req
+            .user_ids
+            .into_iter()
+            .zip(lists)
+            .map(|(user, list)| {
+                let devices: Vec<DeviceStatus> = list
+                    .into_iter()
+                    .map(|p| DeviceStatus {
+                        device_id: p.device,
+                        platform: p.platform,
+                        transport: p.transport,
+                        instance_id: p.instance,
+                        connected_at_ms: p.connected_at_ms,
+                    })
+                    .collect();
+                UserStatus {
+                    user_id: user,
+                    online: !devices.is_empty(),
+                    devices,
+                }
+            })
+            .collect();
         Ok(Response::new(GetUserStatusResponse { statuses }))
     }
 

@@ -1,0 +1,172 @@
+//! The contract against a real `redis-server` and a real three-master Redis Cluster, both
+//! started by the tests; and what only a remote store can do wrong.
+
+use super::server::{RedisCluster, RedisServer};
+use super::*;
+use crate::state::contract::{self, Fixture};
+
+async fn single(mut s: Settings) -> Fixture {
+    let server = RedisServer::start();
+    s.state.redis_url = server.url();
+    let state = RedisState::connect(&s).await.expect("connects");
+    Fixture::new(state, server)
+}
+
+async fn cluster(mut s: Settings) -> Fixture {
+    let cluster = RedisCluster::start();
+    s.state.redis_url = cluster.url();
+    let state = RedisState::connect(&s)
+        .await
+        .expect("connects to the cluster");
+    Fixture::new(state, cluster)
+}
+
+mod on_one_server {
+    use super::*;
+    crate::state_contract_tests!(single);
+}
+
+mod on_a_cluster {
+    use super::*;
+    crate::state_contract_tests!(cluster);
+}
+
+fn msg(id: &str) -> NewMessage {
+    contract::msg(id, "x")
+}
+
+#[tokio::test]
+async fn a_dead_server_answers_unavailable_within_the_timeout_and_recovers() {
+    let mut server = RedisServer::start();
+    let mut s = Settings::default();
+    s.state.redis_url = server.url();
+    s.state.timeout = Duration::from_millis(300);
+    let state = RedisState::connect(&s).await.unwrap();
+    state.append("u", msg("a")).await.unwrap();
+    server.kill();
+    let started = std::time::Instant::now();
+    let err = state.append("u", msg("b")).await.unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        matches!(
+            err,
+            StateError::Unavailable { op: "append", .. } | StateError::Timeout { op: "append", .. }
+        ),
+        "{err:?}"
+    );
+    server.restart();
+    // The manager reconnects by itself; the restarted server is empty: a new epoch.
+    let again = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(a) = state.append("u", msg("c")).await {
+                return a;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("recovers without a new client");
+    assert_eq!(again.seq, 1);
+}
+
+#[tokio::test]
+async fn presence_of_an_instance_that_stops_refreshing_disappears() {
+    let server = RedisServer::start();
+    let mut s = Settings::default();
+    s.state.redis_url = server.url();
+    s.state.presence_ttl = Duration::from_millis(300);
+    let state = RedisState::connect(&s).await.unwrap();
+    let p = |conn: &str, instance: &str| Presence {
+        user: "u".into(),
+        conn: conn.into(),
+        device: "d".into(),
+        platform: "web".into(),
+        transport: "ws".into(),
+        instance: instance.into(),
+        connected_at_ms: 1,
+    };
+    state.maintain("alive").await.unwrap();
+    state.maintain("dies").await.unwrap();
+    state.add_presence(&p("c1", "alive")).await.unwrap();
+    state.add_presence(&p("c2", "dies")).await.unwrap();
+    assert_eq!(state.routes("u").await.unwrap(), vec!["alive", "dies"]);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            state.maintain("alive").await.unwrap();
+            if state.routes("u").await.unwrap() == vec!["alive"] {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the silent instance's presence goes");
+    // What a survivor then removes of the dead instance: nothing left to report.
+    assert_eq!(state.remove_instance("dies").await.unwrap(), 0);
+    assert_eq!(state.presence("u").await.unwrap(), vec![p("c1", "alive")]);
+}
+
+#[tokio::test]
+async fn keys_carry_the_prefix_and_one_hash_tag_per_user() {
+    let server = RedisServer::start();
+    let mut s = Settings::default();
+    s.state.redis_url = server.url();
+    s.state.key_prefix = "tenant-a:".into();
+    let state = RedisState::connect(&s).await.unwrap();
+    let epoch = state.append("alice", msg("m")).await.unwrap().epoch;
+    state.ack("alice", "phone", &epoch, 1).await.unwrap();
+    state.revoke("alice", 5).await.unwrap();
+    let mut c = state.conn();
+    let mut keys: Vec<String> = ::redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "tenant-a:{u:alice}:c",
+            "tenant-a:{u:alice}:co",
+            "tenant-a:{u:alice}:dd",
+            "tenant-a:{u:alice}:dt",
+            "tenant-a:{u:alice}:m",
+            "tenant-a:{u:alice}:q",
+            "tenant-a:{u:alice}:r",
+        ]
+    );
+    // Revocations are per device, the whole user under "" (per-device sign-out to come).
+    let r: Vec<(String, i64)> = ::redis::cmd("HGETALL")
+        .arg("tenant-a:{u:alice}:r")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(r, vec![(String::new(), 5)]);
+    // Everything of the inbox expires with it.
+    for k in &keys[..6] {
+        let ttl: i64 = ::redis::cmd("PTTL")
+            .arg(k)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert!(ttl > 0, "{k} has no ttl");
+    }
+}
+
+#[test]
+fn urls() {
+    assert_eq!(
+        parse_urls("redis://a:1, redis://b:2").unwrap(),
+        vec!["redis://a:1", "redis://b:2"]
+    );
+    assert!(parse_urls("").is_err());
+    let e = parse_urls("http://x:1").unwrap_err();
+    assert!(e.contains("redis://"), "{e}");
+    let e = parse_urls("rediss://user:secret@host:6380,nope").unwrap_err();
+    assert!(!e.contains("secret"), "{e}");
+    assert_eq!(redacted("rediss://u:secret@h:1"), "rediss://…@h:1");
+}
