@@ -898,6 +898,23 @@ mod tests {
             .to_string()
             .contains("listen.http"));
         let mut c = Config::default();
+        c.state.backend = StateBackend::Redis;
+        for url in ["", "http://redis:6379", "redis://a:1,redis://b:notaport"] {
+            c.state.redis_url = url.into();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("state.redis_url"), "{url}: {e}");
+        }
+        c.state.redis_url = "rediss://imgate:pw@a:6380".into();
+        c.validate().unwrap();
+        c.state.redis_url = "redis://a:1, redis://b:2".into();
+        c.validate().unwrap();
+        c.state.key_prefix = "app{1}:".into();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("state.key_prefix"));
+        let mut c = Config::default();
         c.net.trusted_proxies = vec!["10.0.0.0/33".into()];
         assert!(c
             .validate()

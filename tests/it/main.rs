@@ -10,4 +10,5 @@ mod limits;
 mod ops;
 mod policy;
 mod python;
+mod state;
 mod webtransport;

@@ -257,6 +257,11 @@ impl RedisState {
     ) -> Result<T, StateError> {
         match tokio::time::timeout(self.timeout, f).await {
             Ok(Ok(v)) => Ok(v),
+            // The client's own response timeout (the same bound) is the same event.
+            Ok(Err(e)) if e.is_timeout() => Err(StateError::Timeout {
+                op,
+                after: self.timeout,
+            }),
             Ok(Err(e)) => Err(StateError::unavailable(op, e)),
             Err(_) => Err(StateError::Timeout {
                 op,

@@ -143,6 +143,20 @@ impl RedisServer {
         }
     }
 
+    /// Freeze the process (SIGSTOP): connections stay open and nothing answers, like a
+    /// server stuck or a network that drops packets.
+    pub fn freeze(&self, frozen: bool) {
+        if let Some(c) = &self.child {
+            let sig = if frozen { "-STOP" } else { "-CONT" };
+            let ok = Command::new("kill")
+                .arg(sig)
+                .arg(c.id().to_string())
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "kill {sig} redis-server");
+        }
+    }
+
     /// Start again on the same port (empty: nothing was saved).
     pub fn restart(&mut self) {
         self.kill();

@@ -74,6 +74,27 @@ async fn a_dead_server_answers_unavailable_within_the_timeout_and_recovers() {
 }
 
 #[tokio::test]
+async fn a_server_that_does_not_answer_times_out_within_the_timeout() {
+    let server = RedisServer::start();
+    let mut s = Settings::default();
+    s.state.redis_url = server.url();
+    s.state.timeout = Duration::from_millis(200);
+    let state = RedisState::connect(&s).await.unwrap();
+    state.head("u").await.unwrap();
+    server.freeze(true);
+    let started = std::time::Instant::now();
+    let err = state.append("u", msg("a")).await.unwrap_err();
+    let took = started.elapsed();
+    server.freeze(false);
+    assert!(
+        matches!(err, StateError::Timeout { op: "append", .. }),
+        "{err:?}"
+    );
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert!(err.chain().contains("200ms"), "{}", err.chain());
+}
+
+#[tokio::test]
 async fn presence_of_an_instance_that_stops_refreshing_disappears() {
     let server = RedisServer::start();
     let mut s = Settings::default();

@@ -1,0 +1,208 @@
+//! The state store seen from clients: cursors that belong to real devices, and a gateway
+//! on a real redis-server that dies and comes back.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use imgate::config::StateBackend;
+use imgate::delivery::OutMessage;
+use imgate::grpc::pb;
+use imgate::grpc::pb::gateway_client::GatewayClient;
+use serde_json::{json, Value};
+use tonic::Code;
+
+use crate::common::{eventually_async, metric, token, Client, Kind, TestGateway, WAIT};
+
+#[path = "../../src/state/redis/server.rs"]
+mod redis_server;
+use redis_server::RedisServer;
+
+fn msg(body: &str) -> OutMessage {
+    OutMessage {
+        body: Bytes::from(body.to_string()),
+        ..Default::default()
+    }
+}
+
+/// Connect as `user`, on `device` (None: the gateway makes a device id up); returns the
+/// welcome and the pushes replayed before `synced`.
+async fn connect(gw: &TestGateway, user: &str, device: Option<&str>) -> (Client, Value, Vec<u64>) {
+    let t = token(user, device, None, Duration::from_secs(3600));
+    let mut c = gw
+        .connect(Kind::Ws, &format!("token={t}"), &[])
+        .await
+        .unwrap();
+    let welcome = c.expect("welcome").await;
+    let mut seqs = Vec::new();
+    loop {
+        let v = c.recv().await;
+        match v["type"].as_str() {
+            Some("push") => seqs.push(v["seq"].as_u64().unwrap()),
+            Some("synced") => return (c, welcome, seqs),
+            _ => panic!("unexpected frame during replay: {v}"),
+        }
+    }
+}
+
+/// Ack `seq`, and wait until the gateway handled it (a ping is answered after it).
+async fn ack(c: &mut Client, epoch: &Value, seq: u64) {
+    c.send(json!({"type": "ack", "seq": seq, "epoch": epoch}))
+        .await;
+    c.ping("after-ack").await;
+}
+
+#[tokio::test]
+async fn a_made_up_device_id_does_not_crowd_out_a_real_devices_cursor() {
+    let gw = TestGateway::with(|c| c.sessions.max_devices = 1).await;
+    for i in 1..=3 {
+        gw.gw()
+            .delivery
+            .push_durable("u", msg(&i.to_string()))
+            .await
+            .unwrap();
+    }
+    let (mut phone, w, seqs) = connect(&gw, "u", Some("phone")).await;
+    assert_eq!(seqs, vec![1, 2, 3]);
+    ack(&mut phone, &w["epoch"], 2).await;
+    phone.close().await;
+    // No `did`, no `device`: an id made up for this connection, which can never resume.
+    let (mut anon, w, seqs) = connect(&gw, "u", None).await;
+    assert!(w["device"].as_str().unwrap().starts_with("d-"));
+    assert_eq!(seqs, vec![3], "it starts after the user's cursor");
+    ack(&mut anon, &w["epoch"], 3).await;
+    anon.close().await;
+    // The phone still has its cursor: it gets what it did not ack.
+    let (_phone, w, seqs) = connect(&gw, "u", Some("phone")).await;
+    assert_eq!(w["cursor"], 2);
+    assert_eq!(seqs, vec![3]);
+}
+
+#[tokio::test]
+async fn an_ack_beyond_what_was_sent_does_not_skip_the_rest() {
+    let gw = TestGateway::with(|c| c.state.replay_limit = 2).await;
+    for i in 1..=5 {
+        gw.gw()
+            .delivery
+            .push_durable("u", msg(&i.to_string()))
+            .await
+            .unwrap();
+    }
+    let t = token("u", Some("phone"), None, Duration::from_secs(3600));
+    let mut phone = gw
+        .connect(Kind::Ws, &format!("token={t}"), &[])
+        .await
+        .unwrap();
+    let w = phone.expect("welcome").await;
+    assert_eq!(phone.expect("push").await["seq"], 1);
+    assert_eq!(phone.expect("push").await["seq"], 2);
+    // A buggy client acks the head while it holds 1 and 2 only, then goes.
+    ack(&mut phone, &w["epoch"], 5).await;
+    phone.close().await;
+    // Its cursor is what it was sent: the replay starts at 3 (2 per batch).
+    let mut phone = gw
+        .connect(Kind::Ws, &format!("token={t}"), &[])
+        .await
+        .unwrap();
+    assert_eq!(phone.expect("welcome").await["cursor"], 2);
+    assert_eq!(phone.expect("push").await["seq"], 3);
+    assert_eq!(phone.expect("push").await["seq"], 4);
+}
+
+async fn state_up(gw: &TestGateway) -> f64 {
+    let (_, text) = gw.http_get(gw.ops, "/metrics").await;
+    metric(&text, "imgate_state_up", &[])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_then_back_without_a_gateway_restart() {
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    let gw = TestGateway::with(|c| {
+        c.state.backend = StateBackend::Redis;
+        c.state.redis_url = url;
+        c.state.timeout = Duration::from_millis(300);
+        // Upkeep (and so the health gauge) every 300 ms.
+        c.state.presence_ttl = Duration::from_millis(900);
+    })
+    .await;
+    let mut api = GatewayClient::with_interceptor(
+        tonic::transport::Channel::from_shared(format!("http://{}", gw.grpc.unwrap()))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+        |mut req: tonic::Request<()>| {
+            req.metadata_mut()
+                .insert("authorization", "Bearer dev-key".parse().unwrap());
+            Ok(req)
+        },
+    );
+    let push = |body: &str, delivery: pb::Delivery| pb::PushToUserRequest {
+        user_id: "u".into(),
+        message: Some(pb::Message {
+            body: Bytes::from(body.to_string()),
+            ..Default::default()
+        }),
+        delivery: delivery as i32,
+    };
+    let (mut phone, _, _) = connect(&gw, "u", Some("phone")).await;
+    let r = api
+        .push_to_user(push("\"one\"", pb::Delivery::Durable))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.seq, r.online), (1, true));
+    assert_eq!(phone.expect("push").await["body"], "one");
+    assert_eq!(state_up(&gw).await, 1.0);
+
+    redis.kill();
+    let started = std::time::Instant::now();
+    let err = api
+        .push_to_user(push("\"lost?\"", pb::Delivery::Durable))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "UNAVAILABLE took {:?}",
+        started.elapsed()
+    );
+    // Connected clients stay, and transient pushes to them still work.
+    let r = api
+        .push_to_user(push("\"typing\"", pb::Delivery::Transient))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.delivered, 1);
+    let p = phone.expect("push").await;
+    assert_eq!((p["body"].as_str(), p.get("seq")), (Some("typing"), None));
+    phone.ping("still-here").await;
+    eventually_async(|| async { state_up(&gw).await == 0.0 }).await;
+
+    redis.restart();
+    eventually_async(|| async { state_up(&gw).await == 1.0 }).await;
+    let r = tokio::time::timeout(WAIT, async {
+        loop {
+            match api
+                .push_to_user(push("\"two\"", pb::Delivery::Durable))
+                .await
+            {
+                Ok(r) => return r.into_inner(),
+                Err(e) => {
+                    assert_eq!(e.code(), Code::Unavailable);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    })
+    .await
+    .expect("durable pushes work again");
+    // The restarted Redis kept nothing: a new inbox, so a new epoch. The connected device
+    // is told to resync (its positions belong to the lost inbox) and gets the push on
+    // its way back.
+    assert_eq!(r.seq, 1);
+    phone.expect_kick(4103).await;
+    let (_phone, w, seqs) = connect(&gw, "u", Some("phone")).await;
+    assert_eq!(w["epoch"].as_str(), Some(r.epoch.as_str()));
+    assert_eq!(seqs, vec![1]);
+}
