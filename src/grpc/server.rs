@@ -1,6 +1,7 @@
 //! The `imgate.v1.Gateway` service on the gRPC listener, with API-key (and optional mTLS)
 //! authentication, gRPC health checking and server reflection.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -20,10 +21,14 @@ use crate::delivery::{OutMessage, PushOutcome};
 use crate::gateway::Gateway;
 use crate::ops::metrics;
 use crate::state::StateError;
+use futures_util::stream::{FuturesOrdered, StreamExt};
 
 /// Results a `PushStream` may have produced and not yet sent: a pusher that does not read
 /// its results stops being read, and HTTP/2 flow control slows it down.
 const STREAM_WINDOW: usize = 256;
+/// `PushStream` items in flight at once: their appends go to the store together (one
+/// round trip for many, on a remote store) while results still go out in request order.
+const STREAM_DEPTH: usize = 64;
 /// Fan-outs yield to the scheduler this often, so a huge group does not hog a worker.
 const YIELD_EVERY: usize = 512;
 
@@ -434,37 +439,76 @@ impl GatewayApi for GatewayService {
             gw: self.gw.clone(),
         };
         tokio::spawn(async move {
+            let svc = &svc;
+            let mut inflight = FuturesOrdered::new();
+            // Users with an item in flight: a user's next item waits for it, so one user's
+            // pushes are stored in request order whatever the store does with retries.
+            let mut busy: HashMap<String, usize> = HashMap::new();
+            let mut held: Option<PushToUserRequest> = None;
+            let mut reading = true;
+            let mut draining = false;
             loop {
-                let next = tokio::select! {
-                    _ = svc.gw.shutdown.cancelled() => {
-                        let _ = tx.send(Err(Status::unavailable("the instance is draining: reconnect"))).await;
+                if held
+                    .as_ref()
+                    .is_some_and(|r| !busy.contains_key(&r.user_id))
+                {
+                    let req = held.take().expect("checked");
+                    *busy.entry(req.user_id.clone()).or_default() += 1;
+                    let user = req.user_id.clone();
+                    inflight.push_back(async move { (user, svc.push_to_user_inner(req).await) });
+                }
+                tokio::select! {
+                    biased;
+                    _ = svc.gw.shutdown.cancelled(), if reading => {
+                        // Stop reading; what is in flight still gets its answer.
+                        reading = false;
+                        draining = true;
+                    }
+                    Some((user, r)) = inflight.next(), if !inflight.is_empty() => {
+                        if let Some(n) = busy.get_mut(&user) {
+                            *n -= 1;
+                            if *n == 0 {
+                                busy.remove(&user);
+                            }
+                        }
+                        // One result per request, in request order; a failing item fails alone.
+                        let item = match r {
+                            Ok(r) => {
+                                metrics::push_request("PushStream", "ok");
+                                r
+                            }
+                            Err(status) => {
+                                let status: Status = status;
+                                let label = if status.code() == tonic::Code::InvalidArgument {
+                                    "invalid_argument"
+                                } else {
+                                    "unavailable"
+                                };
+                                metrics::push_request("PushStream", label);
+                                failed(user, &status)
+                            }
+                        };
+                        if tx.send(Ok(item)).await.is_err() {
+                            return; // the caller went away
+                        }
+                    }
+                    next = inbound.message(), if reading && held.is_none() && inflight.len() < STREAM_DEPTH => {
+                        match next {
+                            Ok(Some(req)) => held = Some(req),
+                            Ok(None) | Err(_) => reading = false,
+                        }
+                    }
+                    else => {
+                        if held.is_some() {
+                            continue; // started at the top of the loop
+                        }
+                        if draining {
+                            let _ = tx
+                                .send(Err(Status::unavailable("the instance is draining: reconnect")))
+                                .await;
+                        }
                         return;
                     }
-                    next = inbound.message() => next,
-                };
-                let req = match next {
-                    Ok(Some(req)) => req,
-                    Ok(None) | Err(_) => return,
-                };
-                let user = req.user_id.clone();
-                // One result per request, in request order; a failing item fails alone.
-                let item = match svc.push_to_user_inner(req).await {
-                    Ok(r) => {
-                        metrics::push_request("PushStream", "ok");
-                        r
-                    }
-                    Err(status) => {
-                        let label = if status.code() == tonic::Code::InvalidArgument {
-                            "invalid_argument"
-                        } else {
-                            "unavailable"
-                        };
-                        metrics::push_request("PushStream", label);
-                        failed(user, &status)
-                    }
-                };
-                if tx.send(Ok(item)).await.is_err() {
-                    return; // the caller went away
                 }
             }
         });

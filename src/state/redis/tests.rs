@@ -191,3 +191,75 @@ fn urls() {
     assert!(!e.contains("secret"), "{e}");
     assert_eq!(redacted("rediss://u:secret@h:1"), "rediss://…@h:1");
 }
+
+/// Calls of `cmd` Redis executed (from `INFO commandstats`, which also counts the
+/// commands scripts run: the tests pick commands the scripts at hand do not).
+async fn calls(state: &RedisState, cmd: &str) -> u64 {
+    let mut c = state.conn();
+    let info: String = ::redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn reset_stats(state: &RedisState) {
+    let mut c = state.conn();
+    let _: () = ::redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn one_command_per_durable_push_three_per_login() {
+    let server = RedisServer::start();
+    let mut s = Settings::default();
+    s.state.redis_url = server.url();
+    let state = RedisState::connect(&s).await.unwrap();
+    let presence = Presence {
+        user: "u".into(),
+        conn: "c".into(),
+        device: "d".into(),
+        platform: "web".into(),
+        transport: "ws".into(),
+        instance: "i".into(),
+        connected_at_ms: 1,
+    };
+    // Scripts are loaded once per server (EVALSHA falls back to loading them).
+    state.append("warm", msg("w")).await.unwrap();
+    state.resume("warm", Some("d"), None, 10).await.unwrap();
+    reset_stats(&state).await;
+
+    state.append("u", msg("a")).await.unwrap();
+    assert_eq!(
+        calls(&state, "evalsha").await,
+        1,
+        "an append is one script call"
+    );
+    reset_stats(&state).await;
+    // A login: presence (two commands, sent together) and resume (one script call).
+    state.add_presence(&presence).await.unwrap();
+    state.resume("u", Some("d"), None, 10).await.unwrap();
+    assert_eq!(
+        (
+            calls(&state, "hset").await,
+            calls(&state, "sadd").await,
+            calls(&state, "evalsha").await
+        ),
+        (1, 1, 1)
+    );
+    reset_stats(&state).await;
+    let users: Vec<String> = (0..100).map(|i| format!("u{i}")).collect();
+    state.append_many(&users, &msg("b")).await;
+    assert_eq!(
+        calls(&state, "evalsha").await,
+        100,
+        "one script call per user"
+    );
+}
