@@ -77,6 +77,9 @@ pub struct StateConfig {
     #[serde(with = "duration")]
     pub dedupe_window: Duration,
     pub replay_limit: usize,
+    /// PEM file of the CA that signs Redis's certificate (`rediss://`) when it is not a
+    /// public one; empty: the system's root certificates.
+    pub redis_ca_file: String,
     /// Prefix of every Redis key this gateway writes (several deployments can share one
     /// Redis). No `{` or `}`: those would change the Redis Cluster hash tag.
     pub key_prefix: String,
@@ -305,6 +308,7 @@ impl Default for StateConfig {
             inbox_ttl: Duration::from_secs(7 * 24 * 3600),
             dedupe_window: Duration::from_secs(600),
             replay_limit: 200,
+            redis_ca_file: String::new(),
             key_prefix: "imgate:".into(),
             timeout: Duration::from_secs(1),
             presence_ttl: Duration::from_secs(30),
@@ -667,6 +671,7 @@ impl Config {
             ("tls.cert_file", &self.tls.cert_file),
             ("tls.key_file", &self.tls.key_file),
             ("auth.jwks_file", &self.auth.jwks_file),
+            ("state.redis_ca_file", &self.state.redis_ca_file),
             ("grpc.tls_cert", &self.grpc.tls_cert),
             ("grpc.tls_key", &self.grpc.tls_key),
             ("grpc.client_ca", &self.grpc.client_ca),

@@ -206,9 +206,22 @@ impl RedisState {
         let cfg = &settings.state;
         let urls = parse_urls(&cfg.redis_url)
             .map_err(|e| StateError::unavailable("connect", BadUrl(e)))?;
-        let conn = if urls.len() == 1 {
-            let client = ::redis::Client::open(urls[0].as_str())
+        let certs = if cfg.redis_ca_file.is_empty() {
+            None
+        } else {
+            let pem = std::fs::read(&cfg.redis_ca_file)
                 .map_err(|e| StateError::unavailable("connect", e))?;
+            Some(::redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem),
+            })
+        };
+        let conn = if urls.len() == 1 {
+            let client = match certs {
+                Some(certs) => ::redis::Client::build_with_tls(urls[0].as_str(), certs),
+                None => ::redis::Client::open(urls[0].as_str()),
+            }
+            .map_err(|e| StateError::unavailable("connect", e))?;
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(cfg.timeout))
                 .set_response_timeout(Some(cfg.timeout))
@@ -221,10 +234,14 @@ impl RedisState {
                     .map_err(|e| StateError::unavailable("connect", e))?,
             )
         } else {
-            let client = ::redis::cluster::ClusterClient::builder(urls)
+            let mut builder = ::redis::cluster::ClusterClient::builder(urls)
                 .connection_timeout(cfg.timeout)
                 .response_timeout(cfg.timeout)
-                .retries(2)
+                .retries(2);
+            if let Some(certs) = certs {
+                builder = builder.certs(certs);
+            }
+            let client = builder
                 .build()
                 .map_err(|e| StateError::unavailable("connect", e))?;
             let conn = tokio::time::timeout(cfg.timeout * 5, client.get_async_connection())

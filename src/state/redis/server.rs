@@ -64,6 +64,8 @@ pub struct RedisServer {
     pub port: u16,
     dir: PathBuf,
     cluster: bool,
+    /// Serve TLS only, with these PEM files: certificate, key, CA.
+    tls: Option<[PathBuf; 3]>,
     child: Option<Child>,
 }
 
@@ -72,12 +74,22 @@ impl RedisServer {
         Self::start_with(false)
     }
 
+    /// TLS only (`rediss://`), with a certificate, its key and the CA that signed it.
+    pub fn start_tls(cert: PathBuf, key: PathBuf, ca: PathBuf) -> RedisServer {
+        Self::start_inner(false, Some([cert, key, ca]))
+    }
+
     fn start_with(cluster: bool) -> RedisServer {
+        Self::start_inner(cluster, None)
+    }
+
+    fn start_inner(cluster: bool, tls: Option<[PathBuf; 3]>) -> RedisServer {
         for _ in 0..5 {
             let mut s = RedisServer {
                 port: free_port(cluster),
                 dir: temp_dir(),
                 cluster,
+                tls: tls.clone(),
                 child: None,
             };
             if s.spawn() {
@@ -90,9 +102,19 @@ impl RedisServer {
     /// Start the process on `self.port`; false if it exited (port taken meanwhile).
     fn spawn(&mut self) -> bool {
         let mut cmd = Command::new("redis-server");
-        cmd.arg("--port")
-            .arg(self.port.to_string())
-            .arg("--bind")
+        match &self.tls {
+            None => cmd.arg("--port").arg(self.port.to_string()),
+            Some([cert, key, ca]) => cmd
+                .args(["--port", "0", "--tls-auth-clients", "no", "--tls-port"])
+                .arg(self.port.to_string())
+                .arg("--tls-cert-file")
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key)
+                .arg("--tls-ca-cert-file")
+                .arg(ca),
+        };
+        cmd.arg("--bind")
             .arg("127.0.0.1")
             .arg("--dir")
             .arg(&self.dir)
@@ -122,7 +144,12 @@ impl RedisServer {
                 self.child = None;
                 return false;
             }
-            if command(self.port, "PING").is_some_and(|r| r.starts_with("+PONG")) {
+            let ready = match self.tls {
+                // A TLS port cannot be probed in plain text: listening is enough.
+                Some(_) => TcpStream::connect(("127.0.0.1", self.port)).is_ok(),
+                None => command(self.port, "PING").is_some_and(|r| r.starts_with("+PONG")),
+            };
+            if ready {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -131,7 +158,17 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// The directory the server runs in (removed on drop).
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
     }
 
     /// Kill the process (SIGKILL: a crash, not a shutdown); the port stays reserved for

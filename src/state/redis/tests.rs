@@ -263,3 +263,38 @@ async fn one_command_per_durable_push_three_per_login() {
         "one script call per user"
     );
 }
+
+#[tokio::test]
+async fn rediss_with_a_private_ca() {
+    crate::tls::install_crypto_provider();
+    let dir = std::env::temp_dir().join(format!("imgate-redis-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let path = |name: &str| dir.join(name);
+    std::fs::write(path("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(path("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(path("key.pem"), key.serialize_pem()).unwrap();
+    let server = RedisServer::start_tls(path("cert.pem"), path("key.pem"), path("ca.pem"));
+
+    let mut s = Settings::default();
+    s.state.redis_url = server.url();
+    assert!(s.state.redis_url.starts_with("rediss://"));
+    // Not a public CA: refused with the system's roots...
+    let untrusted = RedisState::connect(&s).await.unwrap();
+    assert!(untrusted.ping().await.is_err());
+    // ...accepted with the CA configured.
+    s.state.redis_ca_file = path("ca.pem").to_string_lossy().into_owned();
+    let state = RedisState::connect(&s).await.unwrap();
+    state.ping().await.unwrap();
+    assert_eq!(state.append("u", msg("a")).await.unwrap().seq, 1);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
