@@ -391,6 +391,14 @@ impl Running {
         self.stop_background.cancel();
         self.background.close();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.background.wait()).await;
+        // Sessions removed their own presence; whatever is left (a session that outlived
+        // the timeout, a removal that failed) goes with the instance (SPEC §10), after the
+        // upkeep stopped (it would mark the instance alive again).
+        match gw.state.remove_instance(&gw.instance_id).await {
+            Ok(0) => {}
+            Ok(n) => info!(removed = n, "presence left by this instance removed"),
+            Err(e) => warn!(error = %e.chain(), "presence of this instance not removed"),
+        }
         info!(elapsed_ms = started.elapsed().as_millis() as u64, "drained");
     }
 }

@@ -206,3 +206,40 @@ async fn redis_down_then_back_without_a_gateway_restart() {
     assert_eq!(w["epoch"].as_str(), Some(r.epoch.as_str()));
     assert_eq!(seqs, vec![1]);
 }
+
+/// The keys a Redis holds, by plain-text `KEYS *`.
+fn redis_keys(redis: &RedisServer) -> Vec<String> {
+    let reply = redis_server::command(redis.port, "KEYS *").expect("redis answers");
+    let mut keys: Vec<String> = reply
+        .lines()
+        .filter(|l| !l.starts_with(['*', '$']))
+        .map(str::to_string)
+        .collect();
+    keys.sort();
+    keys
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_instance_leaves_no_presence_in_redis() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let mut gw = TestGateway::with(|c| {
+        c.state.backend = StateBackend::Redis;
+        c.state.redis_url = url;
+    })
+    .await;
+    let (mut phone, _, _) = connect(&gw, "u", Some("phone")).await;
+    let state = gw.gw().state.clone();
+    assert_eq!(state.routes("u").await.unwrap(), vec!["test-1"]);
+    assert!(redis_keys(&redis).contains(&"imgate:{i:test-1}:alive".to_string()));
+    let running = gw.running.take().unwrap();
+    let drain = tokio::spawn(running.drain());
+    phone.expect_kick(4101).await;
+    tokio::time::timeout(WAIT, drain).await.unwrap().unwrap();
+    assert!(state.presence("u").await.unwrap().is_empty());
+    let left: Vec<String> = redis_keys(&redis)
+        .into_iter()
+        .filter(|k| k.contains("{i:") || k.ends_with(":p"))
+        .collect();
+    assert!(left.is_empty(), "left in Redis: {left:?}");
+}
