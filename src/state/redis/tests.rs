@@ -298,3 +298,41 @@ async fn rediss_with_a_private_ca() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_master_restarted_is_found_again() {
+    let mut cluster = RedisCluster::start();
+    let mut s = Settings::default();
+    s.state.redis_url = cluster.url();
+    s.state.timeout = Duration::from_millis(300);
+    let state = RedisState::connect(&s).await.unwrap();
+    // Users spread over the three masters' slots.
+    let users: Vec<String> = (0..30).map(|i| format!("user-{i}")).collect();
+    for r in state.append_many(&users, &msg("before")).await {
+        r.unwrap();
+    }
+    cluster.nodes[0].kill();
+    let started = std::time::Instant::now();
+    let out = state.append_many(&users, &msg("during")).await;
+    let took = started.elapsed();
+    let failed = out.iter().filter(|r| r.is_err()).count();
+    assert!(failed > 0, "some users live on the dead master");
+    assert!(
+        took < Duration::from_secs(2),
+        "{failed} failures took {took:?}: each is bounded by state.timeout"
+    );
+    cluster.nodes[0].restart();
+    // The same client finds the master again (its slots, empty now: those users get a
+    // new epoch, the others keep theirs).
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let out = state.append_many(&users, &msg("after")).await;
+            if out.iter().all(|r| r.is_ok()) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("every user is served again");
+}
