@@ -688,15 +688,14 @@ impl<S: Session> Conn<S> {
                     // A device cannot hold what it was not sent: an ack beyond it would
                     // skip those entries at its next resume.
                     sync.acked = seq.min(sync.last_sent);
-                    if sync.keeps_cursor {
-                        if let Err(e) = self
-                            .gw
-                            .state
-                            .ack(&info.user, &info.device, &epoch, sync.acked)
-                            .await
-                        {
-                            debug!(error = %e.chain(), "ack not recorded");
-                        }
+                    let device = sync.keeps_cursor.then_some(info.device.as_str());
+                    if let Err(e) = self
+                        .gw
+                        .state
+                        .ack(&info.user, device, &epoch, sync.acked)
+                        .await
+                    {
+                        debug!(error = %e.chain(), "ack not recorded");
                     }
                     if sync.awaiting_ack.is_some_and(|upto| seq >= upto) {
                         Box::pin(self.replay_next(sync, info)).await?;

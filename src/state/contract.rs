@@ -135,8 +135,8 @@ pub async fn cursors_move_forward_only(s: S) {
             user: 0
         }
     );
-    s.ack("u", "phone", &epoch, 4).await.unwrap();
-    s.ack("u", "phone", &epoch, 2).await.unwrap();
+    s.ack("u", Some("phone"), &epoch, 4).await.unwrap();
+    s.ack("u", Some("phone"), &epoch, 2).await.unwrap();
     assert_eq!(
         s.cursors("u", "phone").await.unwrap(),
         Cursors {
@@ -144,7 +144,7 @@ pub async fn cursors_move_forward_only(s: S) {
             user: 4
         }
     );
-    s.ack("u", "laptop", &epoch, 99).await.unwrap();
+    s.ack("u", Some("laptop"), &epoch, 99).await.unwrap();
     assert_eq!(
         s.cursors("u", "laptop").await.unwrap(),
         Cursors {
@@ -153,7 +153,9 @@ pub async fn cursors_move_forward_only(s: S) {
         },
         "not past the head"
     );
-    s.ack("u", "tablet", "another-epoch", 5).await.unwrap();
+    s.ack("u", Some("tablet"), "another-epoch", 5)
+        .await
+        .unwrap();
     assert_eq!(
         s.cursors("u", "tablet").await.unwrap(),
         Cursors {
@@ -304,11 +306,11 @@ pub async fn device_cursors_are_bounded_least_recently_acked_first(s: S) {
     }
     let epoch = s.head("u").await.unwrap().epoch;
     for (d, seq) in [("d1", 1), ("d2", 2), ("d3", 3)] {
-        s.ack("u", d, &epoch, seq).await.unwrap();
+        s.ack("u", Some(d), &epoch, seq).await.unwrap();
     }
     // d1 acks again: now d2 is the least recently acked.
-    s.ack("u", "d1", &epoch, 4).await.unwrap();
-    s.ack("u", "d4", &epoch, 5).await.unwrap();
+    s.ack("u", Some("d1"), &epoch, 4).await.unwrap();
+    s.ack("u", Some("d4"), &epoch, 5).await.unwrap();
     let cursor = |d: &'static str| {
         let s = s.clone();
         async move { s.cursors("u", d).await.unwrap().device }
@@ -328,9 +330,28 @@ pub async fn device_cursors_are_bounded_least_recently_acked_first(s: S) {
         "the user cursor stays: a forgotten device resumes from it"
     );
     // A forgotten device that acks again gets a cursor again, evicting the next one.
-    s.ack("u", "d2", &epoch, 6).await.unwrap();
+    s.ack("u", Some("d2"), &epoch, 6).await.unwrap();
     assert_eq!(cursor("d2").await, Some(6));
     assert_eq!(cursor("d3").await, None);
+}
+
+pub async fn an_ack_without_a_device_moves_the_user_cursor_only(s: S) {
+    // The factory is given max_devices = 1 for this case.
+    for i in 1..=5 {
+        s.append("u", msg(&format!("m{i}"), "x")).await.unwrap();
+    }
+    let epoch = s.head("u").await.unwrap().epoch;
+    s.ack("u", Some("phone"), &epoch, 2).await.unwrap();
+    s.ack("u", None, &epoch, 4).await.unwrap();
+    assert_eq!(
+        s.cursors("u", "phone").await.unwrap(),
+        Cursors {
+            device: Some(2),
+            user: 4
+        },
+        "the device's cursor is neither moved nor evicted"
+    );
+    assert_eq!(s.cursors("u", "").await.unwrap().device, None);
 }
 
 pub async fn dedupe_window_expires(s: S) {
@@ -378,7 +399,7 @@ pub async fn entries_expire_after_the_ttl(s: S) {
 pub async fn a_lost_inbox_gets_a_new_epoch(s: S) {
     // The factory is given inbox_ttl = 300 ms and dedupe_window = 100 ms for this case.
     let first = s.append("u", msg("a", "x")).await.unwrap();
-    s.ack("u", "phone", &first.epoch, 1).await.unwrap();
+    s.ack("u", Some("phone"), &first.epoch, 1).await.unwrap();
     // Nothing touches the user while the inbox ages out: waiting is the point here.
     tokio::time::sleep(Duration::from_millis(400)).await;
     s.maintain("i1").await.unwrap();
@@ -400,8 +421,8 @@ pub async fn resume_answers_head_cursors_and_first_batch(s: S) {
         s.append("u", msg(&format!("m{i}"), "x")).await.unwrap();
     }
     let epoch = s.head("u").await.unwrap().epoch;
-    s.ack("u", "phone", &epoch, 2).await.unwrap();
-    s.ack("u", "laptop", &epoch, 4).await.unwrap();
+    s.ack("u", Some("phone"), &epoch, 2).await.unwrap();
+    s.ack("u", Some("laptop"), &epoch, 4).await.unwrap();
     let r = s.resume("u", Some("phone"), None, 2).await.unwrap();
     assert_eq!(
         (r.head.head_seq, r.cursors, r.after, seqs(&r.range)),
@@ -514,6 +535,9 @@ macro_rules! state_contract_tests {
             case!(users_are_independent, |_| {});
             case!(device_cursors_are_bounded_least_recently_acked_first, |s| {
                 s.max_devices = 3
+            });
+            case!(an_ack_without_a_device_moves_the_user_cursor_only, |s| {
+                s.max_devices = 1
             });
             case!(dedupe_window_expires, |s| {
                 s.state.dedupe_window = std::time::Duration::from_millis(300)

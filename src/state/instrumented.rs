@@ -63,7 +63,13 @@ impl<S: State> State for Instrumented<S> {
             .await
     }
 
-    async fn ack(&self, user: &str, device: &str, epoch: &str, seq: u64) -> Result<(), StateError> {
+    async fn ack(
+        &self,
+        user: &str,
+        device: Option<&str>,
+        epoch: &str,
+        seq: u64,
+    ) -> Result<(), StateError> {
         self.timed("ack", self.inner.ack(user, device, epoch, seq))
             .await
     }

@@ -281,14 +281,22 @@ impl State for MemoryState {
         }))
     }
 
-    async fn ack(&self, user: &str, device: &str, epoch: &str, seq: u64) -> Result<(), StateError> {
+    async fn ack(
+        &self,
+        user: &str,
+        device: Option<&str>,
+        epoch: &str,
+        seq: u64,
+    ) -> Result<(), StateError> {
         let max = self.max_devices;
         self.with_user(user, |rec, _| {
             if rec.epoch != epoch {
                 return;
             }
             let seq = seq.min(rec.head);
-            rec.devices.ack(device, seq, max);
+            if let Some(device) = device {
+                rec.devices.ack(device, seq, max);
+            }
             rec.user_cursor = rec.user_cursor.max(seq);
         });
         Ok(())

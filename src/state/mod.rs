@@ -181,9 +181,17 @@ pub trait State: Send + Sync + 'static {
     async fn cursors(&self, user: &str, device: &str) -> Result<Cursors, StateError>;
 
     /// Record a cumulative ack. Ignored when `epoch` is not the current one; cursors only
-    /// move forward and never past the head. At most `sessions.max_devices` device cursors
-    /// are kept per user: beyond it the least recently acked device's cursor is forgotten.
-    async fn ack(&self, user: &str, device: &str, epoch: &str, seq: u64) -> Result<(), StateError>;
+    /// move forward and never past the head. The user cursor always moves; the device's
+    /// only for a device that keeps one (`None`: a device id the gateway made up). At most
+    /// `sessions.max_devices` device cursors are kept per user: beyond it the least
+    /// recently acked device's cursor is forgotten.
+    async fn ack(
+        &self,
+        user: &str,
+        device: Option<&str>,
+        epoch: &str,
+        seq: u64,
+    ) -> Result<(), StateError>;
 
     /// Change a group's members; returns the member count after the change.
     async fn set_group_members(

@@ -75,6 +75,9 @@ async fn a_made_up_device_id_does_not_crowd_out_a_real_devices_cursor() {
     let (_phone, w, seqs) = connect(&gw, "u", Some("phone")).await;
     assert_eq!(w["cursor"], 2);
     assert_eq!(seqs, vec![3]);
+    // What the made-up device acked counts for the user: a new device starts after it.
+    let (_tablet, w, seqs) = connect(&gw, "u", Some("tablet")).await;
+    assert_eq!((w["cursor"].as_u64(), seqs.len()), (Some(0), 0));
 }
 
 #[tokio::test]

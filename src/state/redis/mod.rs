@@ -457,7 +457,13 @@ impl State for RedisState {
         })
     }
 
-    async fn ack(&self, user: &str, device: &str, epoch: &str, seq: u64) -> Result<(), StateError> {
+    async fn ack(
+        &self,
+        user: &str,
+        device: Option<&str>,
+        epoch: &str,
+        seq: u64,
+    ) -> Result<(), StateError> {
         let keys = self.keys.inbox(user);
         let mut c = self.conn();
         let seq = seq.min(i64::MAX as u64 / 2);
@@ -467,7 +473,7 @@ impl State for RedisState {
                 self.scripts
                     .ack
                     .key(&keys[..])
-                    .arg(device)
+                    .arg(device.unwrap_or(""))
                     .arg(epoch)
                     .arg(seq)
                     .arg(self.max_devices)

@@ -139,7 +139,7 @@ async fn keys_carry_the_prefix_and_one_hash_tag_per_user() {
     s.state.key_prefix = "tenant-a:".into();
     let state = RedisState::connect(&s).await.unwrap();
     let epoch = state.append("alice", msg("m")).await.unwrap().epoch;
-    state.ack("alice", "phone", &epoch, 1).await.unwrap();
+    state.ack("alice", Some("phone"), &epoch, 1).await.unwrap();
     state.revoke("alice", 5).await.unwrap();
     let mut c = state.conn();
     let mut keys: Vec<String> = ::redis::cmd("KEYS")
