@@ -15,7 +15,7 @@ use crate::common::{eventually_async, metric, token, Client, Kind, TestGateway, 
 
 #[path = "../../src/state/redis/server.rs"]
 mod redis_server;
-use redis_server::RedisServer;
+use redis_server::{RedisCluster, RedisServer};
 
 fn msg(body: &str) -> OutMessage {
     OutMessage {
@@ -245,4 +245,49 @@ async fn a_drained_instance_leaves_no_presence_in_redis() {
         .filter(|k| k.contains("{i:") || k.ends_with(":p"))
         .collect();
     assert!(left.is_empty(), "left in Redis: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_on_a_redis_cluster_resumes_devices() {
+    let cluster = RedisCluster::start();
+    let url = cluster.url();
+    let gw = TestGateway::with(|c| {
+        c.state.backend = StateBackend::Redis;
+        c.state.redis_url = url;
+    })
+    .await;
+    // Users on every master's slots, offline: their pushes wait in their inboxes.
+    let users: Vec<String> = (0..12).map(|i| format!("user-{i}")).collect();
+    for round in 1..=3 {
+        for r in gw
+            .gw()
+            .delivery
+            .push_durable_many(&users, msg(&round.to_string()))
+            .await
+        {
+            assert_eq!(r.unwrap().seq, round);
+        }
+    }
+    let mut online = Vec::new();
+    for user in &users {
+        let (mut c, w, seqs) = connect(&gw, user, Some("phone")).await;
+        assert_eq!(
+            (w["head_seq"].as_u64(), seqs),
+            (Some(3), vec![1, 2, 3]),
+            "{user}"
+        );
+        ack(&mut c, &w["epoch"], 3).await;
+        c.close().await;
+        let (c, w, seqs) = connect(&gw, user, Some("phone")).await;
+        assert_eq!((w["cursor"].as_u64(), seqs.len()), (Some(3), 0), "{user}");
+        online.push(c);
+    }
+    // GetUserStatus's batched lookup, once each closed session removed its record.
+    let state = gw.gw().state.clone();
+    eventually_async(|| async {
+        let status = state.presence_many(&users).await.unwrap();
+        status.iter().all(|p| p.len() == 1)
+    })
+    .await;
+    drop(online);
 }
