@@ -291,3 +291,49 @@ async fn a_gateway_on_a_redis_cluster_resumes_devices() {
     .await;
     drop(online);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prod_example_starts_against_a_reachable_redis() {
+    let redis = RedisServer::start();
+    // What the production host provides (key files, a private network, its Redis) is
+    // replaced through the environment; everything else is config/prod.toml as shipped.
+    let env: Vec<(String, String)> = [
+        ("IMGATE__STATE__REDIS_URL", redis.url().as_str()),
+        ("IMGATE__LISTEN__HTTP", "127.0.0.1:0"),
+        ("IMGATE__LISTEN__HTTPS", ""),
+        ("IMGATE__LISTEN__WEBTRANSPORT", ""),
+        ("IMGATE__LISTEN__GRPC", "127.0.0.1:0"),
+        ("IMGATE__LISTEN__OPS", "127.0.0.1:0"),
+        ("IMGATE__TLS__CERT_FILE", ""),
+        ("IMGATE__TLS__KEY_FILE", ""),
+        ("IMGATE__TLS__TERMINATED_UPSTREAM", "true"),
+        ("IMGATE__GRPC__TLS_CERT", ""),
+        ("IMGATE__GRPC__TLS_KEY", ""),
+        ("IMGATE__AUTH__JWT_PUBLIC_KEYS", "[]"),
+        ("IMGATE__AUTH__ALGORITHMS", "[\"HS256\"]"),
+        (
+            "IMGATE__AUTH__JWT_SECRET",
+            "a-test-secret-of-at-least-32-bytes!!",
+        ),
+        (
+            "IMGATE__GRPC__API_KEYS",
+            "[\"a-test-api-key-of-some-length\"]",
+        ),
+        ("IMGATE__INSTANCE__ID", "prod-1"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/prod.toml");
+    let cfg = imgate::config::Config::load(Some(std::path::Path::new(path)), env).unwrap();
+    assert_eq!(cfg.state.backend, StateBackend::Redis);
+    cfg.validate().expect("valid");
+    let running = imgate::gateway::start(cfg).await.expect("starts");
+    let ops = running.addrs.ops.unwrap();
+    let (status, body) = crate::common::http_get(ops, "/healthz").await;
+    assert_eq!(status, 200);
+    let health: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(health["state"], json!({"backend": "redis", "up": true}));
+    assert!(redis_keys(&redis).contains(&"imgate:{i:prod-1}:alive".to_string()));
+    running.drain().await;
+}
