@@ -143,4 +143,25 @@ async fn redis(url: &str) {
         (after - before) / 1024,
         (after - before) as f64 / n as f64
     );
+    // Presence: one connection per user, as a gateway records it at login.
+    let before = used_memory(url).await;
+    for (i, u) in users.iter().enumerate() {
+        state
+            .add_presence(&imgate::state::Presence {
+                user: u.clone(),
+                conn: format!("{:016x}", i),
+                device: "device-1234".into(),
+                platform: "web".into(),
+                transport: "ws".into(),
+                instance: "gw-host-12345".into(),
+                connected_at_ms: 1_700_000_000_000,
+            })
+            .await
+            .unwrap();
+    }
+    let after = used_memory(url).await;
+    println!(
+        "redis presence: {:.0} bytes per connection (record and instance index)",
+        (after - before) as f64 / USERS as f64
+    );
 }

@@ -542,10 +542,20 @@ impl State for RedisState {
         users: &[String],
         msg: &NewMessage,
     ) -> Vec<Result<Appended, StateError>> {
-        // Built first, then polled BATCH_DEPTH at a time (a closure inside the stream would
-        // trip the compiler's Send inference for async_trait futures).
-        let appends: Vec<_> = users.iter().map(|u| self.append(u, msg.clone())).collect();
-        stream::iter(appends).buffered(BATCH_DEPTH).collect().await
+        // Built a chunk at a time (a huge group does not allocate all its futures at once),
+        // then polled BATCH_DEPTH at a time. Built before the stream: a closure inside it
+        // would trip the compiler's Send inference for async_trait futures.
+        let mut out = Vec::with_capacity(users.len());
+        for chunk in users.chunks(BATCH_DEPTH * 16) {
+            let appends: Vec<_> = chunk.iter().map(|u| self.append(u, msg.clone())).collect();
+            out.extend(
+                stream::iter(appends)
+                    .buffered(BATCH_DEPTH)
+                    .collect::<Vec<_>>()
+                    .await,
+            );
+        }
+        out
     }
 
     async fn set_group_members(
