@@ -205,6 +205,21 @@ pub async fn groups(s: S) {
         0
     );
     assert!(s.group_members("g").await.unwrap().is_empty());
+    // A large group in one call (a script passes its members in slices).
+    let many: Vec<String> = (0..2500).map(|i| format!("m{i:05}")).collect();
+    assert_eq!(
+        s.set_group_members("big", GroupOp::Replace, &many)
+            .await
+            .unwrap(),
+        2500
+    );
+    assert_eq!(
+        s.set_group_members("big", GroupOp::Remove, &many[..1200])
+            .await
+            .unwrap(),
+        1300
+    );
+    assert_eq!(s.group_members("big").await.unwrap(), many[1200..].to_vec());
 }
 
 pub async fn revocation(s: S) {
