@@ -56,6 +56,10 @@ fn args() -> Args {
             "--tls" => a.tls = true,
             "--wt" => a.wt = true,
             "--webtransport" => a.wt_addr = val(),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0)
+            }
             other => usage(&format!("unknown argument {other}")),
         }
     }
@@ -65,8 +69,10 @@ fn args() -> Args {
     a
 }
 
+const USAGE: &str = "usage: chat --user U [--device D] [--to U] [--tls | --wt] [--http HOST:PORT] [--https HOST:PORT] [--webtransport HOST:PORT]";
+
 fn usage(msg: &str) -> ! {
-    eprintln!("{msg}\nusage: chat --user U [--device D] [--to U] [--tls | --wt] [--http HOST:PORT] [--https HOST:PORT] [--webtransport HOST:PORT]");
+    eprintln!("{msg}\n{USAGE}");
     std::process::exit(2)
 }
 

@@ -149,7 +149,7 @@ pub fn main() -> ExitCode {
                     for w in warnings {
                         eprintln!("warning: {w}");
                     }
-                    println!("{}: ok (profile {:?})", file.display(), cfg.profile);
+                    println!("{}: ok (profile {})", file.display(), cfg.profile.as_str());
                     ExitCode::SUCCESS
                 }
                 Err(e) => config_error(e),

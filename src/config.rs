@@ -13,6 +13,10 @@ use serde::{Deserialize, Serialize};
 pub const DEV_JWT_SECRET: &str = "imgate-dev-secret-not-for-production";
 /// The gRPC api key the dev profile accepts.
 pub const DEV_API_KEY: &str = "dev-key";
+/// The marker the shipped example configs put where a real secret or address belongs.
+pub const PLACEHOLDER: &str = "CHANGE-ME";
+/// Shortest HS256 secret prod accepts (RFC 7518 §3.2: a key at least as long as the hash).
+const MIN_PROD_SECRET: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -20,6 +24,16 @@ pub enum Profile {
     #[default]
     Dev,
     Prod,
+}
+
+impl Profile {
+    /// The name a config file uses: `dev` or `prod` (for logs and CLI output).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Profile::Dev => "dev",
+            Profile::Prod => "prod",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -90,6 +104,9 @@ pub struct StateConfig {
     /// this long. Refreshed every `presence_ttl / 3` (at most every 5 s).
     #[serde(with = "duration")]
     pub presence_ttl: Duration,
+    /// The prod profile refuses `backend = "memory"` unless this says that losing every
+    /// inbox, cursor, group and revocation on restart is accepted (one instance, no Redis).
+    pub memory_in_prod: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -184,6 +201,9 @@ pub struct SessionsConfig {
     pub idle_timeout: Duration,
     /// Frames a connection may have queued for writing before it is closed with 4100.
     pub outbound_queue: usize,
+    /// Encoded bytes a connection may have queued for writing before it is closed with 4100
+    /// (SPEC §5: slow is bytes, so a burst of small pushes is never mistaken for it).
+    pub outbound_queue_bytes: usize,
     /// Most frames written per flush.
     pub write_batch: usize,
     /// Device cursors kept per user; beyond it the least recently acked device's cursor is
@@ -202,9 +222,18 @@ pub struct LimitsConfig {
     pub max_per_ip: usize,
     /// Sessions open but not yet authenticated, per node.
     pub max_unauthenticated: usize,
+    /// Connections accepted and still in their handshake (TCP until the WebSocket upgrade,
+    /// QUIC until the WebTransport session is set up), per node; more are dropped at once.
+    pub max_handshakes: usize,
+    /// IPv6 clients are counted per prefix of this length by `max_per_ip`.
+    pub ipv6_prefix: u8,
     /// A TCP/TLS/HTTP handshake must complete within this.
     #[serde(with = "duration")]
     pub handshake_timeout: Duration,
+    /// A write to a client (frames, a ping, a kick, a close) not taken within this closes
+    /// the connection.
+    #[serde(with = "duration")]
+    pub write_timeout: Duration,
     /// Inbound frames per second per connection (token bucket rate) and burst.
     pub rate_per_sec: u32,
     pub rate_burst: u32,
@@ -312,6 +341,7 @@ impl Default for StateConfig {
             key_prefix: "imgate:".into(),
             timeout: Duration::from_secs(1),
             presence_ttl: Duration::from_secs(30),
+            memory_in_prod: false,
         }
     }
 }
@@ -353,7 +383,8 @@ impl Default for SessionsConfig {
             max_per_user: 10,
             heartbeat: Duration::from_secs(25),
             idle_timeout: Duration::from_secs(60),
-            outbound_queue: 256,
+            outbound_queue: 4096,
+            outbound_queue_bytes: 1024 * 1024,
             write_batch: 32,
             max_devices: 64,
         }
@@ -367,7 +398,10 @@ impl Default for LimitsConfig {
             max_connections: 200_000,
             max_per_ip: 1_000,
             max_unauthenticated: 20_000,
+            max_handshakes: 10_000,
+            ipv6_prefix: 64,
             handshake_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
             rate_per_sec: 50,
             rate_burst: 100,
             rate_close_after: Duration::from_secs(10),
@@ -517,9 +551,9 @@ impl Config {
                 path: p.display().to_string(),
                 source,
             })?,
-            None => String::new(),
+            None => return Config::from_toml_str("", env),
         };
-        Config::from_toml_str(&text, env)
+        Config::parse(&text, env, true)
     }
 
     /// Parse TOML text (empty: every default) with environment overrides applied.
@@ -527,10 +561,27 @@ impl Config {
         text: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
+        Config::parse(text, env, false)
+    }
+
+    /// A file must name its profile (SPEC §9): one that leaves it out would otherwise run
+    /// the dev profile, with `/dev/token` signing the file's real secret and `dev-key`
+    /// accepted. `IMGATE__PROFILE` counts as declaring it.
+    fn parse(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+        require_profile: bool,
+    ) -> Result<Config, ConfigError> {
         let mut table: toml::Table = text
             .parse()
             .map_err(|e: toml::de::Error| ConfigError::Syntax(e.to_string()))?;
         apply_env(&mut table, env)?;
+        if require_profile && !table.contains_key("profile") {
+            return Err(invalid(
+                "profile",
+                "a config file must declare profile = \"dev\" or profile = \"prod\"",
+            ));
+        }
         let de = toml::Value::Table(table);
         serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
@@ -581,6 +632,10 @@ impl Config {
             ("sessions.max_per_user", self.sessions.max_per_user),
             ("sessions.max_devices", self.sessions.max_devices),
             ("sessions.outbound_queue", self.sessions.outbound_queue),
+            (
+                "sessions.outbound_queue_bytes",
+                self.sessions.outbound_queue_bytes,
+            ),
             ("sessions.write_batch", self.sessions.write_batch),
             ("limits.max_frame", self.limits.max_frame),
             ("limits.max_connections", self.limits.max_connections),
@@ -589,6 +644,7 @@ impl Config {
                 "limits.max_unauthenticated",
                 self.limits.max_unauthenticated,
             ),
+            ("limits.max_handshakes", self.limits.max_handshakes),
             ("limits.max_push_body", self.limits.max_push_body),
             ("limits.max_batch_users", self.limits.max_batch_users),
             ("limits.rate_per_sec", self.limits.rate_per_sec as usize),
@@ -608,6 +664,7 @@ impl Config {
             ("sessions.idle_timeout", self.sessions.idle_timeout),
             ("auth.auth_timeout", self.auth.auth_timeout),
             ("limits.handshake_timeout", self.limits.handshake_timeout),
+            ("limits.write_timeout", self.limits.write_timeout),
             ("upstream.timeout", self.upstream.timeout),
             ("state.timeout", self.state.timeout),
             ("state.presence_ttl", self.state.presence_ttl),
@@ -627,6 +684,9 @@ impl Config {
                 "quic.max_streams",
                 "at least 2 (the session's CONNECT stream and the control stream)",
             ));
+        }
+        if !(1..=128).contains(&self.limits.ipv6_prefix) {
+            return Err(invalid("limits.ipv6_prefix", "between 1 and 128"));
         }
         if self.limits.max_frame > 16 * 1024 * 1024 {
             return Err(invalid("limits.max_frame", "at most 16 MiB"));
@@ -667,6 +727,19 @@ impl Config {
                 "tls.cert_file and tls.key_file go together",
             ));
         }
+        if (self.grpc.tls_cert.is_empty()) != (self.grpc.tls_key.is_empty()) {
+            return Err(invalid(
+                "grpc.tls_key",
+                "grpc.tls_cert and grpc.tls_key go together",
+            ));
+        }
+        if !self.grpc.client_ca.is_empty() && self.grpc.tls_cert.is_empty() {
+            // mTLS without TLS would serve the API in plaintext with no credentials.
+            return Err(invalid(
+                "grpc.client_ca",
+                "client certificates need TLS: set grpc.tls_cert and grpc.tls_key",
+            ));
+        }
         for (key, path) in [
             ("tls.cert_file", &self.tls.cert_file),
             ("tls.key_file", &self.tls.key_file),
@@ -688,49 +761,7 @@ impl Config {
             }
         }
         match self.profile {
-            Profile::Prod => {
-                let has_keys =
-                    !self.auth.jwt_public_keys.is_empty() || !self.auth.jwks_file.is_empty();
-                if self.auth.mode == AuthMode::Jwt && !has_keys && self.auth.jwt_secret.is_empty() {
-                    return Err(invalid(
-                        "auth.jwt_secret",
-                        "prod needs a JWT secret, public keys or a JWKS file",
-                    ));
-                }
-                if self.auth.jwt_secret == DEV_JWT_SECRET {
-                    return Err(invalid(
-                        "auth.jwt_secret",
-                        "the dev secret is refused in prod",
-                    ));
-                }
-                if !self.listen.grpc.is_empty() {
-                    if self.grpc.api_keys.is_empty() && self.grpc.client_ca.is_empty() {
-                        return Err(invalid(
-                            "grpc.api_keys",
-                            "prod needs gRPC api keys or grpc.client_ca (mTLS)",
-                        ));
-                    }
-                    if self
-                        .grpc
-                        .api_keys
-                        .iter()
-                        .any(|k| k == DEV_API_KEY || k.is_empty())
-                    {
-                        return Err(invalid(
-                            "grpc.api_keys",
-                            "the dev key and empty keys are refused in prod",
-                        ));
-                    }
-                }
-                let serves_tls =
-                    !self.listen.https.is_empty() || !self.listen.webtransport.is_empty();
-                if serves_tls && self.tls.cert_file.is_empty() && !self.tls.terminated_upstream {
-                    return Err(invalid(
-                        "tls.cert_file",
-                        "prod needs TLS certificate files, or tls.terminated_upstream = true",
-                    ));
-                }
-            }
+            Profile::Prod => self.validate_prod(&mut warnings)?,
             Profile::Dev => {
                 if self.auth.jwt_secret.is_empty() && self.auth.mode == AuthMode::Jwt {
                     warnings.push(format!(
@@ -749,6 +780,91 @@ impl Config {
             }
         }
         Ok(warnings)
+    }
+
+    /// The prod profile fails closed (SPEC §9): each refusal names the key to fix.
+    fn validate_prod(&self, warnings: &mut Vec<String>) -> Result<(), ConfigError> {
+        let has_keys = !self.auth.jwt_public_keys.is_empty() || !self.auth.jwks_file.is_empty();
+        if self.auth.mode == AuthMode::Jwt && !has_keys && self.auth.jwt_secret.is_empty() {
+            return Err(invalid(
+                "auth.jwt_secret",
+                "prod needs a JWT secret, public keys or a JWKS file",
+            ));
+        }
+        if self.auth.jwt_secret == DEV_JWT_SECRET {
+            return Err(invalid(
+                "auth.jwt_secret",
+                "the dev secret is refused in prod",
+            ));
+        }
+        if !self.auth.jwt_secret.is_empty() && self.auth.jwt_secret.len() < MIN_PROD_SECRET {
+            return Err(invalid(
+                "auth.jwt_secret",
+                format!("an HS256 secret needs at least {MIN_PROD_SECRET} bytes in prod"),
+            ));
+        }
+        // Placeholders of the shipped examples must not reach production.
+        let secrets = [
+            ("auth.jwt_secret", &self.auth.jwt_secret),
+            ("auth.endpoint", &self.auth.endpoint),
+            ("upstream.endpoint", &self.upstream.endpoint),
+            ("state.redis_url", &self.state.redis_url),
+        ]
+        .into_iter()
+        .chain(self.grpc.api_keys.iter().map(|k| ("grpc.api_keys", k)));
+        for (key, value) in secrets {
+            if value.contains(PLACEHOLDER) {
+                return Err(invalid(
+                    key,
+                    format!("still holds the placeholder {PLACEHOLDER}: put the real value"),
+                ));
+            }
+        }
+        if !self.listen.grpc.is_empty() {
+            if self.grpc.api_keys.is_empty() && self.grpc.client_ca.is_empty() {
+                return Err(invalid(
+                    "grpc.api_keys",
+                    "prod needs gRPC api keys or grpc.client_ca (mTLS)",
+                ));
+            }
+            if self
+                .grpc
+                .api_keys
+                .iter()
+                .any(|k| k == DEV_API_KEY || k.is_empty())
+            {
+                return Err(invalid(
+                    "grpc.api_keys",
+                    "the dev key and empty keys are refused in prod",
+                ));
+            }
+        }
+        if self.upstream.mode == UpstreamMode::Relay {
+            return Err(invalid(
+                "upstream.mode",
+                "\"relay\" lets any client write into any user's inbox; prod needs \"grpc\"",
+            ));
+        }
+        if self.state.backend == StateBackend::Memory {
+            if !self.state.memory_in_prod {
+                return Err(invalid(
+                    "state.backend",
+                    "\"memory\" loses every inbox, cursor, group and revocation on restart; \
+                     use \"redis\", or set state.memory_in_prod = true to accept that",
+                ));
+            }
+            warnings.push(
+                "prod with in-memory state (state.memory_in_prod): a restart loses every inbox, cursor, group and revocation".into(),
+            );
+        }
+        let serves_tls = !self.listen.https.is_empty() || !self.listen.webtransport.is_empty();
+        if serves_tls && self.tls.cert_file.is_empty() && !self.tls.terminated_upstream {
+            return Err(invalid(
+                "tls.cert_file",
+                "prod needs TLS certificate files, or tls.terminated_upstream = true",
+            ));
+        }
+        Ok(())
     }
 
     /// The effective HS256 secret: configured, else the dev secret in dev.
@@ -974,46 +1090,138 @@ mod tests {
         assert_eq!(c.auth.leeway, Duration::from_secs(45));
     }
 
-    #[test]
-    fn prod_refuses_dev_material() {
+    /// A prod config that passes: every later check starts from it and breaks one thing.
+    fn good_prod() -> Config {
         let mut c = Config {
             profile: Profile::Prod,
             ..Config::default()
         };
         c.tls.terminated_upstream = true;
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("auth.jwt_secret"));
-        c.auth.jwt_secret = DEV_JWT_SECRET.into();
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("auth.jwt_secret"));
-        c.auth.jwt_secret = "a-real-secret".into();
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("grpc.api_keys"));
-        c.grpc.api_keys = vec![DEV_API_KEY.into()];
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("grpc.api_keys"));
+        c.auth.jwt_secret = "a-real-secret-of-enough-length-0123456789".into();
         c.grpc.api_keys = vec!["k-123".into()];
-        c.validate().unwrap();
-        c.tls.terminated_upstream = false;
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("tls.cert_file"));
-        assert_eq!(c.jwt_secret().as_deref(), Some("a-real-secret"));
+        c.upstream.mode = UpstreamMode::Grpc;
+        c.upstream.endpoint = "http://backend.internal:7000".into();
+        c.state.backend = StateBackend::Redis;
+        c.state.redis_url = "redis://redis.internal:6379".into();
+        c
+    }
+
+    fn refused(c: &Config) -> String {
+        c.validate().expect_err("refused").to_string()
+    }
+
+    #[test]
+    fn prod_refuses_dev_material() {
+        let c = good_prod();
+        assert!(c.validate().unwrap().is_empty());
+        assert_eq!(
+            c.jwt_secret().as_deref(),
+            Some("a-real-secret-of-enough-length-0123456789")
+        );
         assert_eq!(c.api_keys(), vec!["k-123"]);
+        for (key, breaks) in [
+            (
+                "auth.jwt_secret",
+                (|c| c.auth.jwt_secret.clear()) as fn(&mut Config),
+            ),
+            ("auth.jwt_secret", |c| {
+                c.auth.jwt_secret = DEV_JWT_SECRET.into()
+            }),
+            ("grpc.api_keys", |c| c.grpc.api_keys.clear()),
+            ("grpc.api_keys", |c| {
+                c.grpc.api_keys = vec![DEV_API_KEY.into()]
+            }),
+            ("tls.cert_file", |c| c.tls.terminated_upstream = false),
+        ] {
+            let mut c = good_prod();
+            breaks(&mut c);
+            assert!(refused(&c).contains(key), "{key}: {}", refused(&c));
+        }
+    }
+
+    /// Each configuration the security review called fail-open is refused, naming its key.
+    #[test]
+    fn prod_fails_closed() {
+        for (key, breaks) in [
+            // Relay lets any client write into any user's inbox.
+            (
+                "upstream.mode",
+                (|c| c.upstream.mode = UpstreamMode::Relay) as fn(&mut Config),
+            ),
+            // Memory state loses every inbox on restart, unless accepted.
+            ("state.backend", |c| c.state.backend = StateBackend::Memory),
+            // Placeholders from the shipped examples.
+            ("auth.jwt_secret", |c| {
+                c.auth.jwt_secret = "CHANGE-ME-CHANGE-ME-CHANGE-ME-CHANGE-ME".into()
+            }),
+            ("grpc.api_keys", |c| {
+                c.grpc.api_keys = vec!["CHANGE-ME-to-a-long-random-key".into()]
+            }),
+            ("state.redis_url", |c| {
+                c.state.redis_url = "rediss://imgate:CHANGE-ME@redis.internal:6380".into()
+            }),
+            ("upstream.endpoint", |c| {
+                c.upstream.endpoint = "http://CHANGE-ME:7000".into()
+            }),
+            // An HS256 secret shorter than the hash.
+            ("auth.jwt_secret", |c| {
+                c.auth.jwt_secret = "short-secret".into()
+            }),
+        ] {
+            let mut c = good_prod();
+            breaks(&mut c);
+            assert!(refused(&c).contains(key), "{key}: {}", refused(&c));
+        }
+        let mut c = good_prod();
+        c.state.backend = StateBackend::Memory;
+        c.state.memory_in_prod = true;
+        let warnings = c.validate().unwrap();
+        assert!(
+            warnings.iter().any(|w| w.contains("memory_in_prod")),
+            "{warnings:?}"
+        );
+    }
+
+    /// mTLS without TLS would serve the gRPC API in plaintext with no credentials (any
+    /// profile); the gRPC certificate and key go together.
+    #[test]
+    fn grpc_tls_material_goes_together() {
+        let dir = std::env::temp_dir().join(format!("imgate-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, "not read by validate").unwrap();
+        for profile in [Profile::Dev, Profile::Prod] {
+            let mut c = good_prod();
+            c.profile = profile;
+            c.grpc.api_keys.clear();
+            c.grpc.client_ca = ca.display().to_string();
+            assert!(refused(&c).contains("grpc.client_ca"), "{}", refused(&c));
+        }
+        let mut c = good_prod();
+        c.grpc.tls_cert = ca.display().to_string();
+        assert!(refused(&c).contains("grpc.tls_key"), "{}", refused(&c));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// A file that leaves out `profile` is refused instead of running dev.
+    #[test]
+    fn a_file_declares_its_profile() {
+        let dir = std::env::temp_dir().join(format!("imgate-profile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(
+            &file,
+            "[listen]\nhttp = \"0.0.0.0:8080\"\n[auth]\njwt_secret = \"real\"\n",
+        )
+        .unwrap();
+        let e = Config::load(Some(&file), vec![]).unwrap_err().to_string();
+        assert!(e.starts_with("invalid value for `profile`"), "{e}");
+        // Declaring it in the environment counts.
+        let c = Config::load(Some(&file), env(&[("IMGATE__PROFILE", "dev")])).unwrap();
+        assert_eq!(c.profile, Profile::Dev);
+        // No file at all is the embedded dev default.
+        assert_eq!(Config::load(None, vec![]).unwrap().profile, Profile::Dev);
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

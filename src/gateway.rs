@@ -1,16 +1,13 @@
 //! Builds the gateway from its config, binds the listeners, and runs it until a graceful
 //! drain (SPEC §10).
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use parking_lot::Mutex;
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -20,6 +17,7 @@ use crate::auth::Authenticator;
 use crate::config::{Config, Profile, StateBackend};
 use crate::delivery::Delivery;
 use crate::hub::Hub;
+use crate::limits::Limits;
 use crate::ops::metrics;
 use crate::protocol::CloseCode;
 use crate::state::instrumented::Instrumented;
@@ -75,15 +73,19 @@ impl Gateway {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Close a user's connections (all, or one device's) with 4502 and revoke the user's
-    /// tokens issued until now, so a kicked client cannot simply reconnect (SPEC §2).
+    /// Close a user's connections with 4502 and revoke their tokens issued until now, so
+    /// a kicked client cannot simply reconnect (SPEC §2). With `device`, only that device:
+    /// its connections and the tokens whose `did` is that device; the user's other devices
+    /// keep their sessions and tokens.
     pub async fn kick_user(
         &self,
         user: &str,
         device: Option<&str>,
         reason: &str,
     ) -> Result<u32, crate::state::StateError> {
-        self.revoke_tokens(user).await?;
+        // The revocation is recorded before the hub is asked for the connections: a session
+        // that registers after `hub.kick` looked checks it (session::serve).
+        self.revoke_tokens(user, device).await?;
         let reason = if reason.is_empty() {
             CloseCode::Kicked.reason()
         } else {
@@ -92,12 +94,16 @@ impl Gateway {
         Ok(self.hub.kick(user, device, CloseCode::Kicked, reason))
     }
 
-    /// Refuse from now on every token of `user` issued until now; returns the cache
-    /// entries evicted.
-    pub async fn revoke_tokens(&self, user: &str) -> Result<u32, crate::state::StateError> {
+    /// Refuse from now on every token of `user` issued until now (of its device `device`
+    /// only, when given); returns the cache entries evicted.
+    pub async fn revoke_tokens(
+        &self,
+        user: &str,
+        device: Option<&str>,
+    ) -> Result<u32, crate::state::StateError> {
         let now = crate::now_ms();
-        self.state.revoke(user, now).await?;
-        Ok(self.auth.revoke_user(user, now))
+        self.state.revoke(user, device, now).await?;
+        Ok(self.auth.revoke(user, device, now))
     }
 }
 
@@ -148,7 +154,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             Authenticator::new(Arc::new(verifier), &cfg.auth)
         }
     };
-    let hub = Arc::new(Hub::new(cfg.sessions.policy, cfg.sessions.max_per_user));
+    let hub = Arc::new(Hub::new(
+        cfg.sessions.policy,
+        cfg.sessions.max_per_user,
+        cfg.sessions.outbound_queue_bytes,
+    ));
     let settings = crate::state::Settings::from_config(&cfg);
     let state: Arc<dyn State> = match cfg.state.backend {
         StateBackend::Memory => Arc::new(Instrumented::new(Arc::new(MemoryState::new(&settings)))),
@@ -254,6 +264,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         next_id: AtomicU64::new(1),
     });
 
+    // Built before anything is spawned: a gRPC API that cannot start stops the start.
+    let grpc = match grpc {
+        Some(l) => Some((crate::grpc::server::Api::build(gw.clone()).await?, l)),
+        None => None,
+    };
     let background = TaskTracker::new();
     let stop_background = CancellationToken::new();
     if let Some(l) = http {
@@ -280,12 +295,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             stop_background.clone(),
         ));
     }
-    if let Some(l) = grpc {
-        background.spawn(crate::grpc::server::serve(
-            gw.clone(),
-            l,
-            stop_background.clone(),
-        ));
+    if let Some((api, l)) = grpc {
+        background.spawn(api.serve(l, stop_background.clone()));
     }
     if let Some(l) = ops {
         background.spawn(crate::ops::server::serve(
@@ -301,8 +312,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     metrics::draining(false);
     info!(
         instance = %gw.instance_id,
-        http = ?addrs.http, https = ?addrs.https, webtransport = ?addrs.webtransport, grpc = ?addrs.grpc, ops = ?addrs.ops,
-        profile = ?gw.cfg.profile,
+        http = %shown(addrs.http), https = %shown(addrs.https),
+        webtransport = %shown(addrs.webtransport), grpc = %shown(addrs.grpc), ops = %shown(addrs.ops),
+        profile = %gw.cfg.profile.as_str(),
         "imgate started"
     );
     Ok(Running {
@@ -311,6 +323,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         background,
         stop_background,
     })
+}
+
+/// A listener's address for the logs: `127.0.0.1:8080`, or `off`.
+fn shown(addr: Option<SocketAddr>) -> String {
+    addr.map_or_else(|| "off".to_string(), |a| a.to_string())
 }
 
 /// How often the state store's upkeep runs: often enough to refresh presence well within
@@ -388,6 +405,9 @@ impl Running {
                 "shutdown timeout: exiting with sessions open"
             );
         }
+        if let Some(status) = &gw.status {
+            status.flush_and_stop(Duration::from_secs(2)).await;
+        }
         self.stop_background.cancel();
         self.background.close();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.background.wait()).await;
@@ -415,120 +435,4 @@ async fn wait_for_signal() {
     }
     #[cfg(not(unix))]
     let _ = tokio::signal::ctrl_c().await;
-}
-
-// ---- admission limits ---------------------------------------------------------------------
-
-/// Node connection limit, per-IP limit and the cap on unauthenticated sessions.
-pub struct Limits {
-    node: Arc<Semaphore>,
-    unauth: Arc<Semaphore>,
-    per_ip: Mutex<HashMap<IpAddr, u32>>,
-    max_per_ip: u32,
-    max_connections: usize,
-}
-
-/// Why a handshake was refused before the upgrade.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rejection {
-    NodeLimit,
-    IpLimit,
-    UnauthLimit,
-}
-
-impl Rejection {
-    pub fn reason(self) -> &'static str {
-        match self {
-            Rejection::NodeLimit => "node_limit",
-            Rejection::IpLimit => "ip_limit",
-            Rejection::UnauthLimit => "unauth_limit",
-        }
-    }
-}
-
-/// Held for a session's life; releases its slots when dropped.
-pub struct Permits {
-    _node: OwnedSemaphorePermit,
-    ip: Option<(Arc<Limits>, IpAddr)>,
-    unauth: Option<OwnedSemaphorePermit>,
-}
-
-impl Permits {
-    /// The session authenticated: it no longer counts as unauthenticated.
-    pub fn authenticated(&mut self) {
-        if self.unauth.take().is_some() {
-            metrics::unauthenticated_delta(-1);
-        }
-    }
-}
-
-impl Drop for Permits {
-    fn drop(&mut self) {
-        self.authenticated();
-        if let Some((limits, ip)) = self.ip.take() {
-            let mut map = limits.per_ip.lock();
-            if let Some(n) = map.get_mut(&ip) {
-                *n -= 1;
-                if *n == 0 {
-                    map.remove(&ip);
-                }
-            }
-        }
-    }
-}
-
-impl Limits {
-    pub fn new(cfg: &Config) -> Limits {
-        Limits {
-            node: Arc::new(Semaphore::new(cfg.limits.max_connections)),
-            unauth: Arc::new(Semaphore::new(cfg.limits.max_unauthenticated)),
-            per_ip: Mutex::new(HashMap::new()),
-            max_per_ip: cfg.limits.max_per_ip as u32,
-            max_connections: cfg.limits.max_connections,
-        }
-    }
-
-    /// Sessions holding a slot: open or in their handshake.
-    pub fn open(&self) -> usize {
-        self.max_connections - self.node.available_permits()
-    }
-
-    /// Take the slots a new session needs; `unauthenticated`: it will wait for an `auth` frame.
-    pub fn admit(
-        self: &Arc<Self>,
-        ip: IpAddr,
-        unauthenticated: bool,
-    ) -> Result<Permits, Rejection> {
-        let node = self
-            .node
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Rejection::NodeLimit)?;
-        let unauth = if unauthenticated {
-            let p = self
-                .unauth
-                .clone()
-                .try_acquire_owned()
-                .map_err(|_| Rejection::UnauthLimit)?;
-            metrics::unauthenticated_delta(1);
-            Some(p)
-        } else {
-            None
-        };
-        let mut permits = Permits {
-            _node: node,
-            ip: None,
-            unauth,
-        };
-        {
-            let mut map = self.per_ip.lock();
-            let n = map.entry(ip).or_insert(0);
-            if *n >= self.max_per_ip {
-                return Err(Rejection::IpLimit);
-            }
-            *n += 1;
-        }
-        permits.ip = Some((self.clone(), ip));
-        Ok(permits)
-    }
 }

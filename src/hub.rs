@@ -1,6 +1,7 @@
 //! The connection manager: user → devices → connections, sharded behind sync mutexes that
-//! are never held across an await. Delivering never awaits a client: a full outbound queue
-//! closes that connection with 4100 (it is made whole by replay when it comes back).
+//! are never held across an await. Delivering never awaits a client: an outbound queue over
+//! its byte budget (or its frame cap) closes that connection with 4100 (it is made whole by
+//! replay when it comes back).
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -72,18 +73,27 @@ pub struct Control {
     close: Mutex<Option<(CloseCode, String)>>,
     requested: AtomicBool,
     waker: AtomicWaker,
+    /// Encoded bytes of the pushes queued for the connection and not yet taken by its task.
+    queued: AtomicUsize,
 }
 
 impl Control {
-    /// Ask the connection to close. The first request wins.
-    pub fn close(&self, code: CloseCode, reason: &str) {
+    /// Ask the connection to close. The first request wins: `true` when this one did.
+    pub fn close(&self, code: CloseCode, reason: &str) -> bool {
         let mut slot = self.close.lock();
-        if slot.is_none() {
-            *slot = Some((code, reason.to_string()));
-            drop(slot);
-            self.requested.store(true, Ordering::Release);
-            self.waker.wake();
+        if slot.is_some() {
+            return false;
         }
+        *slot = Some((code, reason.to_string()));
+        drop(slot);
+        self.requested.store(true, Ordering::Release);
+        self.waker.wake();
+        true
+    }
+
+    /// The connection's task took pushes of `bytes` encoded bytes off its queue.
+    pub fn dequeued(&self, bytes: usize) {
+        self.queued.fetch_sub(bytes, Ordering::Relaxed);
     }
 
     /// Resolves once a close was requested. Cancel-safe: a request made while nobody waits
@@ -107,22 +117,43 @@ impl Control {
 #[derive(Debug, Clone)]
 pub struct ConnHandle {
     pub info: Arc<ConnInfo>,
+    pub codec: Codec,
     pub tx: mpsc::Sender<Arc<PushItem>>,
     pub control: Arc<Control>,
 }
 
 impl ConnHandle {
-    /// Queue a push without waiting; a full queue closes the connection with 4100.
-    fn offer(&self, item: &Arc<PushItem>) -> bool {
+    /// Queue a push without waiting. A queue that would hold more than `max_bytes` of
+    /// encoded frames (SPEC §5 `sessions.outbound_queue_bytes`), or is at its frame cap,
+    /// closes the connection with 4100. A frame alone in the queue is always taken, so a
+    /// push larger than the budget still reaches a client that keeps up.
+    fn offer(&self, item: &Arc<PushItem>, max_bytes: usize) -> bool {
+        let size = item.encoded(self.codec).len();
+        let before = self.control.queued.fetch_add(size, Ordering::Relaxed);
+        if before > 0 && before + size > max_bytes {
+            self.control.dequeued(size);
+            self.slow();
+            return false;
+        }
         match self.tx.try_send(item.clone()) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                crate::ops::metrics::slow_consumer(self.info.transport.as_str());
-                self.control
-                    .close(CloseCode::SlowConsumer, CloseCode::SlowConsumer.reason());
+            Err(e) => {
+                self.control.dequeued(size);
+                if matches!(e, mpsc::error::TrySendError::Full(_)) {
+                    self.slow();
+                }
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Close with 4100; counted once per connection closed, not per push refused.
+    fn slow(&self) {
+        let closing = self
+            .control
+            .close(CloseCode::SlowConsumer, CloseCode::SlowConsumer.reason());
+        if closing {
+            crate::ops::metrics::slow_consumer(self.info.transport.as_str());
         }
     }
 }
@@ -135,6 +166,7 @@ pub struct Hub {
     hasher: RandomState,
     policy: LoginPolicy,
     max_per_user: usize,
+    max_queue_bytes: usize,
     by_transport: [AtomicUsize; 3],
     users: AtomicUsize,
 }
@@ -148,12 +180,14 @@ fn transport_index(t: Transport) -> usize {
 }
 
 impl Hub {
-    pub fn new(policy: LoginPolicy, max_per_user: usize) -> Hub {
+    /// `max_queue_bytes`: the outbound byte budget of each connection.
+    pub fn new(policy: LoginPolicy, max_per_user: usize, max_queue_bytes: usize) -> Hub {
         Hub {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::default(),
             policy,
             max_per_user,
+            max_queue_bytes,
             by_transport: Default::default(),
             users: AtomicUsize::new(0),
         }
@@ -227,9 +261,12 @@ impl Hub {
     /// user has no connection here (one lookup answers both, on the push path).
     pub fn deliver(&self, user: &str, item: &Arc<PushItem>) -> Option<u32> {
         let shard = self.shard(user).lock();
-        shard
-            .get(user)
-            .map(|conns| conns.iter().filter(|c| c.offer(item)).count() as u32)
+        shard.get(user).map(|conns| {
+            conns
+                .iter()
+                .filter(|c| c.offer(item, self.max_queue_bytes))
+                .count() as u32
+        })
     }
 
     /// Queue a push to every connection on this instance.
@@ -238,7 +275,10 @@ impl Hub {
         for shard in self.shards.iter() {
             let shard = shard.lock();
             for conns in shard.values() {
-                n += conns.iter().filter(|c| c.offer(item)).count() as u32;
+                n += conns
+                    .iter()
+                    .filter(|c| c.offer(item, self.max_queue_bytes))
+                    .count() as u32;
             }
         }
         n
@@ -343,5 +383,65 @@ mod tests {
             .await
             .expect("kept");
         assert_eq!(code, CloseCode::SlowConsumer);
+    }
+
+    fn push(body: usize) -> Arc<PushItem> {
+        PushItem::new(Push {
+            id: "m".into(),
+            from: None,
+            kind: None,
+            body: Bytes::from(vec![b'x'; body]),
+            ts: 0,
+            seq: None,
+            epoch: None,
+        })
+    }
+
+    fn handle(hub: &Hub, user: &str, cap: usize) -> (mpsc::Receiver<Arc<PushItem>>, Arc<Control>) {
+        let (tx, rx) = mpsc::channel(cap);
+        let control = Arc::new(Control::default());
+        let info = Arc::new(ConnInfo {
+            id: 1,
+            session: "s".into(),
+            user: user.into(),
+            device: "d".into(),
+            platform: "web".into(),
+            transport: Transport::Ws,
+            connected_at_ms: 0,
+        });
+        hub.register(ConnHandle {
+            info,
+            codec: Codec::Json,
+            tx,
+            control: control.clone(),
+        })
+        .unwrap();
+        (rx, control)
+    }
+
+    /// SPEC §5: slow is bytes queued, not frames: a burst of small pushes fits, a backlog
+    /// over the byte budget closes with 4100, and what the task takes off frees the budget.
+    #[test]
+    fn the_outbound_queue_is_bounded_in_bytes() {
+        let hub = Hub::new(LoginPolicy::Multi, 10, 64 * 1024);
+        let (mut rx, control) = handle(&hub, "u", 10_000);
+        let small = push(40);
+        for _ in 0..200 {
+            assert_eq!(hub.deliver("u", &small), Some(1));
+        }
+        assert!(!control.requested.load(Ordering::Acquire));
+        // The task takes them off: the budget is free again.
+        let mut taken = 0;
+        while let Ok(item) = rx.try_recv() {
+            taken += item.encoded(Codec::Json).len();
+        }
+        control.dequeued(taken);
+        assert_eq!(control.queued.load(Ordering::Relaxed), 0);
+        // A frame larger than the whole budget still goes to an empty queue...
+        let big = push(100 * 1024);
+        assert_eq!(hub.deliver("u", &big), Some(1));
+        // ...but nothing more fits behind it: 4100.
+        assert_eq!(hub.deliver("u", &small), Some(0));
+        assert!(control.requested.load(Ordering::Acquire));
     }
 }

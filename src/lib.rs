@@ -10,6 +10,7 @@ pub mod delivery;
 pub mod gateway;
 pub mod grpc;
 pub mod hub;
+pub mod limits;
 pub mod ops;
 pub mod protocol;
 pub mod session;

@@ -13,7 +13,7 @@ use crate::ops::metrics;
 
 const SHARDS: usize = 16;
 
-type Key = [u8; 32];
+pub type Key = [u8; 32];
 
 #[derive(Clone)]
 struct Entry {
@@ -101,12 +101,19 @@ impl TokenCache {
         );
     }
 
-    /// Drop the valid entries of `user`; returns how many. Revocation is rare: a scan is fine.
-    pub fn evict_user(&self, user: &str) -> u32 {
+    /// Forget one entry.
+    pub fn remove(&self, k: &Key) {
+        self.shard(k).lock().remove(k);
+    }
+
+    /// Drop the valid entries of `user` (of its device `device` only, when given); returns
+    /// how many. Revocation is rare: a scan is fine.
+    pub fn evict(&self, user: &str, device: Option<&str>) -> u32 {
         let mut n = 0;
         for shard in &self.shards {
             shard.lock().retain(|_, e| {
-                let keep = !matches!(&e.result, Ok(id) if id.user == user);
+                let keep = !matches!(&e.result, Ok(id) if id.user == user
+                    && device.is_none_or(|d| id.device.as_deref() == Some(d)));
                 if !keep {
                     n += 1;
                 }
@@ -135,7 +142,7 @@ mod tests {
             device: None,
             platform: None,
             expires_at_ms: crate::now_ms() + exp_in_ms,
-            issued_at_ms: 0,
+            issued: super::super::Issued::Claim(0),
         }
     }
 
@@ -181,7 +188,7 @@ mod tests {
         }
         assert!(c.len() <= 32, "{}", c.len());
         let before = c.len();
-        let evicted = c.evict_user("even");
+        let evicted = c.evict("even", None);
         assert_eq!(c.len(), before - evicted as usize);
         assert!(c.shards.iter().all(|s| s.lock().values().all(|e| e
             .result

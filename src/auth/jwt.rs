@@ -10,7 +10,7 @@ use jsonwebtoken::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{AuthError, Identity, Verifier};
+use super::{AuthError, Identity, Issued, Verifier};
 use crate::config::AuthConfig;
 use crate::protocol::valid_id;
 
@@ -116,6 +116,8 @@ impl JwtVerifier {
         }
         val.set_required_spec_claims(&required);
         val.validate_exp = true;
+        // `nbf` is optional, but honoured (with the leeway) when a token carries it.
+        val.validate_nbf = true;
         if let Some(iss) = &self.issuer {
             val.set_issuer(&[iss]);
         }
@@ -205,7 +207,7 @@ impl Verifier for JwtVerifier {
             device: c.did,
             platform: c.plt,
             expires_at_ms: c.exp.saturating_mul(1000),
-            issued_at_ms: c.iat.saturating_mul(1000),
+            issued: Issued::Claim(c.iat.saturating_mul(1000)),
         })
     }
 }

@@ -22,9 +22,33 @@ pub struct Identity {
     pub device: Option<String>,
     /// `plt` claim.
     pub platform: Option<String>,
+    /// The token's `exp` in ms. Sessions live until `auth.leeway` past it.
     pub expires_at_ms: i64,
-    /// `iat` in ms (0 when the verifier does not know it).
-    pub issued_at_ms: i64,
+    /// What a revocation is compared with.
+    pub issued: Issued,
+}
+
+/// When a token counts as issued, for revocation (SPEC §2: tokens issued before a
+/// revocation are refused from then on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Issued {
+    /// A JWT's `iat`, in ms (whole seconds): compared with a revocation at one-second
+    /// resolution, so a token issued in the second of a kick is refused too.
+    Claim(i64),
+    /// A remote `Auth` service result: the moment (ms) the gateway sent the question. The
+    /// service is the authority on its tokens, so only answers it gave before a revocation
+    /// (cached or in flight) are refused; a question sent later is its to answer.
+    Asked(i64),
+}
+
+impl Issued {
+    /// Whether a revocation at `at_ms` applies.
+    fn revoked_by(self, at_ms: i64) -> bool {
+        match self {
+            Issued::Claim(iat_ms) => iat_ms.div_euclid(1000) <= at_ms.div_euclid(1000),
+            Issued::Asked(asked_ms) => asked_ms <= at_ms,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -74,13 +98,39 @@ pub trait Verifier: Send + Sync + 'static {
 pub struct Authenticator {
     verifier: Arc<dyn Verifier>,
     cache: cache::TokenCache,
-    /// user → latest revocation time (ms). Tokens issued at or before it are refused.
-    revoked: Mutex<HashMap<String, i64>>,
+    /// user → the latest revocations. Tokens issued at or before them are refused.
+    revoked: Mutex<HashMap<String, Revocations>>,
+    /// `auth.leeway` in ms: clock skew tolerated on `exp` (JWTs also get it on `nbf` and
+    /// `iat`, in the verifier).
+    leeway_ms: i64,
+}
+
+/// One user's revocations: user-wide, and per device (`did`).
+#[derive(Debug, Default)]
+struct Revocations {
+    user: Option<i64>,
+    devices: HashMap<String, i64>,
+}
+
+impl Revocations {
+    fn latest(&self) -> i64 {
+        self.devices
+            .values()
+            .copied()
+            .chain(self.user)
+            .max()
+            .unwrap_or(i64::MIN)
+    }
 }
 
 /// Revocations older than this are forgotten: no token we accept lives that long after its
 /// `iat` without being refreshed (a refreshed token has a newer `iat`).
 const REVOCATION_MEMORY_MS: i64 = 30 * 24 * 3600 * 1000;
+
+/// Device revocations kept per user; beyond it the oldest one is folded into the user-wide
+/// time. That errs on the safe side: it also refuses other devices' tokens issued before
+/// that (old) revocation, and never lets a revoked token back in.
+const DEVICE_REVOCATIONS_PER_USER: usize = 256;
 
 impl Authenticator {
     /// JWT verification from config (keys loaded here; errors name the key).
@@ -101,6 +151,7 @@ impl Authenticator {
             verifier,
             cache: cache::TokenCache::new(cfg.cache_max_entries, cfg.cache_ttl, cfg.negative_ttl),
             revoked: Mutex::new(HashMap::new()),
+            leeway_ms: i64::try_from(cfg.leeway.as_millis()).unwrap_or(i64::MAX),
         }
     }
 
@@ -108,15 +159,18 @@ impl Authenticator {
     pub async fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
         let key = cache::key(token);
         let result = match self.cache.get(&key) {
-            Some(r) => r,
-            None => {
-                let r = self.verifier.verify(token).await;
-                self.cache.put(key, &r);
-                r
+            // An answer of the remote Auth service from before a revocation that reached
+            // the cache after the revocation had cleared it (it was in flight): ask again,
+            // as for any token of that user after the revocation.
+            Some(Ok(id)) if matches!(id.issued, Issued::Asked(_)) && self.is_revoked(&id) => {
+                self.cache.remove(&key);
+                self.verify(key, token).await
             }
+            Some(r) => r,
+            None => self.verify(key, token).await,
         };
         let result = result.and_then(|id| {
-            if id.expires_at_ms <= crate::now_ms() {
+            if self.session_deadline_ms(&id) <= crate::now_ms() {
                 Err(AuthError::Expired)
             } else if self.is_revoked(&id) {
                 Err(AuthError::Revoked)
@@ -131,33 +185,70 @@ impl Authenticator {
         result
     }
 
-    /// Refuse from now on every token of `user` issued at or before `at_ms` (`iat` has
-    /// one-second resolution, so a token issued in the same second is refused too); returns
-    /// how many cache entries were evicted.
-    pub fn revoke_user(&self, user: &str, at_ms: i64) -> u32 {
-        self.set_revoked(user, at_ms);
-        self.cache.evict_user(user)
+    async fn verify(&self, key: cache::Key, token: &str) -> Result<Identity, AuthError> {
+        let r = self.verifier.verify(token).await;
+        self.cache.put(key, &r);
+        r
+    }
+
+    /// When a session on this identity is closed with 4501: `auth.leeway` after `exp`, the
+    /// same tolerance the token was admitted with.
+    pub fn session_deadline_ms(&self, id: &Identity) -> i64 {
+        id.expires_at_ms.saturating_add(self.leeway_ms)
+    }
+
+    /// Refuse from now on the tokens of `user` issued at or before `at_ms`: all of them
+    /// (`device` `None`), or only those whose `did` is `device`. (`iat` has one-second
+    /// resolution, so a token issued in the same second is refused too.) Returns how many
+    /// cache entries were evicted.
+    pub fn revoke(&self, user: &str, device: Option<&str>, at_ms: i64) -> u32 {
+        self.set_revoked(user, device, at_ms);
+        self.cache.evict(user, device)
     }
 
     /// Record a revocation learned from elsewhere (another instance, the state store).
-    pub fn set_revoked(&self, user: &str, at_ms: i64) {
+    pub fn set_revoked(&self, user: &str, device: Option<&str>, at_ms: i64) {
         let mut map = self.revoked.lock();
         let now = crate::now_ms();
         if map.len() > 10_000 {
-            map.retain(|_, t| now - *t < REVOCATION_MEMORY_MS);
+            map.retain(|_, r| {
+                r.devices.retain(|_, t| now - *t < REVOCATION_MEMORY_MS);
+                r.user = r.user.filter(|t| now - *t < REVOCATION_MEMORY_MS);
+                now - r.latest() < REVOCATION_MEMORY_MS
+            });
         }
-        let entry = map.entry(user.to_string()).or_insert(at_ms);
-        *entry = (*entry).max(at_ms);
+        let r = map.entry(user.to_string()).or_default();
+        let at = match device {
+            None => r.user.get_or_insert(at_ms),
+            Some(d) => {
+                if r.devices.len() >= DEVICE_REVOCATIONS_PER_USER && !r.devices.contains_key(d) {
+                    if let Some((oldest, t)) = r
+                        .devices
+                        .iter()
+                        .min_by_key(|(_, t)| **t)
+                        .map(|(d, t)| (d.clone(), *t))
+                    {
+                        r.devices.remove(&oldest);
+                        r.user = r.user.max(Some(t));
+                    }
+                }
+                r.devices.entry(d.to_string()).or_insert(at_ms)
+            }
+        };
+        *at = (*at).max(at_ms);
     }
 
-    /// Is this (already verified) identity revoked now?
+    /// Is this (already verified) identity revoked now? A token without `did` falls only to
+    /// a user-wide revocation.
     pub fn is_revoked(&self, id: &Identity) -> bool {
-        // Compare at `iat`'s whole-second resolution.
-        let issued_s = id.issued_at_ms.div_euclid(1000);
-        self.revoked
-            .lock()
-            .get(&id.user)
-            .is_some_and(|at| issued_s <= at.div_euclid(1000))
+        let map = self.revoked.lock();
+        let Some(r) = map.get(&id.user) else {
+            return false;
+        };
+        let device = id.device.as_deref().and_then(|d| r.devices.get(d).copied());
+        r.user
+            .max(device)
+            .is_some_and(|at| id.issued.revoked_by(at))
     }
 }
 
@@ -188,7 +279,7 @@ mod tests {
         let t = token("kim");
         assert!(a.authenticate(&t).await.is_ok());
         assert_eq!(a.cache.len(), 1);
-        let evicted = a.revoke_user("kim", crate::now_ms());
+        let evicted = a.revoke("kim", None, crate::now_ms());
         assert_eq!(evicted, 1);
         assert_eq!(a.authenticate(&t).await, Err(AuthError::Revoked));
         // Other users are not affected.
@@ -199,9 +290,97 @@ mod tests {
             device: None,
             platform: None,
             expires_at_ms: crate::now_ms() + 60_000,
-            issued_at_ms: crate::now_ms() + 1000,
+            issued: Issued::Claim(crate::now_ms() + 1000),
         };
         assert!(!a.is_revoked(&later));
+    }
+
+    fn id(user: &str, device: Option<&str>, issued: Issued) -> Identity {
+        Identity {
+            user: user.into(),
+            device: device.map(str::to_string),
+            platform: None,
+            expires_at_ms: crate::now_ms() + 60_000,
+            issued,
+        }
+    }
+
+    #[test]
+    fn a_device_revocation_spares_other_devices_and_tokens_without_did() {
+        let a = auth();
+        let now = crate::now_ms();
+        let before = Issued::Claim(now - 5_000);
+        a.revoke("kim", Some("phone"), now);
+        assert!(a.is_revoked(&id("kim", Some("phone"), before)));
+        assert!(!a.is_revoked(&id("kim", Some("laptop"), before)));
+        assert!(
+            !a.is_revoked(&id("kim", None, before)),
+            "no did: only a user-wide revocation applies"
+        );
+        assert!(!a.is_revoked(&id("lee", Some("phone"), before)));
+        a.revoke("kim", None, now);
+        assert!(a.is_revoked(&id("kim", Some("laptop"), before)));
+        assert!(a.is_revoked(&id("kim", None, before)));
+    }
+
+    #[test]
+    fn device_revocations_are_bounded_and_never_forgotten() {
+        let a = auth();
+        let base = 1_000_000_000_000;
+        for i in 0..=DEVICE_REVOCATIONS_PER_USER as i64 {
+            a.revoke("kim", Some(&format!("d{i}")), base + i * 1000);
+        }
+        let r = a.revoked.lock();
+        assert_eq!(r["kim"].devices.len(), DEVICE_REVOCATIONS_PER_USER);
+        drop(r);
+        // The oldest device's revocation became user-wide: its tokens stay refused, and so
+        // are other devices' tokens from before it (the safe side).
+        assert!(a.is_revoked(&id("kim", Some("d0"), Issued::Claim(base - 1000))));
+        assert!(a.is_revoked(&id("kim", Some("other"), Issued::Claim(base - 1000))));
+        assert!(!a.is_revoked(&id("kim", Some("other"), Issued::Claim(base + 1000))));
+    }
+
+    #[test]
+    fn remote_results_compare_at_millisecond_resolution() {
+        let a = auth();
+        let at = 1_000_000_500;
+        a.revoke("kim", None, at);
+        // Asked before the revocation (in flight or cached): refused.
+        assert!(a.is_revoked(&id("kim", None, Issued::Asked(at - 1))));
+        // Asked after it, even in the same second: the service's answer stands.
+        assert!(!a.is_revoked(&id("kim", None, Issued::Asked(at + 1))));
+        // A JWT issued in that second falls to it.
+        assert!(a.is_revoked(&id("kim", None, Issued::Claim(1_000_000_000))));
+    }
+
+    #[tokio::test]
+    async fn leeway_applies_to_exp() {
+        let n = crate::now_ms() / 1000;
+        let expired_1s_ago = |secret: &str| {
+            jsonwebtoken::encode(
+                &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+                &serde_json::json!({"sub": "kim", "iat": n - 60, "exp": n - 1}),
+                &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+            )
+            .unwrap()
+        };
+        let t = expired_1s_ago(crate::config::DEV_JWT_SECRET);
+        let a = auth();
+        let id = a.authenticate(&t).await.expect("within the default leeway");
+        assert_eq!(
+            a.session_deadline_ms(&id),
+            id.expires_at_ms + 30_000,
+            "the session lives until exp + leeway"
+        );
+        let strict = Authenticator::from_config(
+            &AuthConfig {
+                leeway: Duration::ZERO,
+                ..AuthConfig::default()
+            },
+            Profile::Dev,
+        )
+        .unwrap();
+        assert_eq!(strict.authenticate(&t).await, Err(AuthError::Expired));
     }
 
     #[tokio::test]

@@ -9,7 +9,7 @@ use tonic::transport::Channel;
 use super::pb::auth_client::AuthClient;
 use super::pb::ValidateTokenRequest;
 use crate::auth::jwt::PLATFORMS;
-use crate::auth::{AuthError, Identity, Verifier};
+use crate::auth::{AuthError, Identity, Issued, Verifier};
 use crate::protocol::valid_id;
 
 pub struct GrpcVerifier {
@@ -29,6 +29,9 @@ impl GrpcVerifier {
 #[async_trait::async_trait]
 impl Verifier for GrpcVerifier {
     async fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        // Taken before the question leaves: an answer in flight during a revocation counts
+        // as given before it (SPEC §2).
+        let asked_ms = crate::now_ms();
         let mut client = self.client.clone();
         let req = ValidateTokenRequest {
             token: token.to_string(),
@@ -51,18 +54,13 @@ impl Verifier for GrpcVerifier {
                 "the auth service returned an invalid user id".into(),
             ));
         }
-        let now = crate::now_ms();
-        if resp.expires_at_ms <= now {
-            return Err(AuthError::Expired);
-        }
+        // Expiry (with `auth.leeway`) is checked by the authenticator, as for JWTs.
         Ok(Identity {
             user: resp.user_id,
             device: Some(resp.device_id).filter(|d| valid_id(d)),
             platform: Some(resp.platform).filter(|p| PLATFORMS.contains(&p.as_str())),
             expires_at_ms: resp.expires_at_ms,
-            // The service is the authority on its tokens: a revocation applies to results
-            // obtained before it (they are evicted and asked for again).
-            issued_at_ms: now,
+            issued: Issued::Asked(asked_ms),
         })
     }
 }

@@ -2,9 +2,13 @@
 //! `HandleMessage`, and presence changes go out as `OnStatusChange` batches.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, warn};
 
@@ -104,10 +108,27 @@ impl BusinessUpstream {
 }
 
 /// Sends presence changes in batches by size and by time. While the backend is away the
-/// changes wait in a bounded buffer; past it the oldest are dropped and counted.
-#[derive(Clone)]
+/// changes wait in a bounded buffer; past it the oldest are dropped and counted (the newest
+/// say where each device is now). The drain flushes what is left before the process exits.
 pub struct StatusNotifier {
-    tx: mpsc::Sender<StatusChange>,
+    shared: Arc<Pending>,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Changes waiting to be sent, shared by every connection and the sender task.
+#[derive(Default)]
+struct Pending {
+    queue: Mutex<Queue>,
+    wake: Notify,
+    closed: AtomicBool,
+}
+
+#[derive(Default)]
+struct Queue {
+    changes: VecDeque<StatusChange>,
+    /// How many were dropped from the front so far: a batch in flight knows how many of
+    /// its changes are no longer at the front when it is acknowledged.
+    dropped: u64,
 }
 
 pub const STATUS_BATCH: usize = 500;
@@ -115,59 +136,89 @@ pub const STATUS_FLUSH: Duration = Duration::from_millis(200);
 pub const STATUS_BUFFER: usize = 100_000;
 
 impl StatusNotifier {
-    /// Start the sender task; it ends when every notifier is dropped.
+    /// Start the sender task.
     pub fn spawn(channel: Channel) -> StatusNotifier {
-        let (tx, rx) = mpsc::channel(STATUS_BUFFER);
-        tokio::spawn(run(BusinessClient::new(channel), rx));
-        StatusNotifier { tx }
+        let shared = Arc::new(Pending::default());
+        let task = tokio::spawn(run(BusinessClient::new(channel), shared.clone()));
+        StatusNotifier {
+            shared,
+            task: Mutex::new(Some(task)),
+        }
     }
 
-    /// Never waits: a full channel drops the change (counted).
+    /// Never waits: past `STATUS_BUFFER` the oldest waiting change is dropped (counted).
     pub fn notify(&self, change: StatusChange) {
-        if self.tx.try_send(change).is_err() {
+        let dropped = {
+            let mut queue = self.shared.queue.lock();
+            queue.changes.push_back(change);
+            let over = queue.changes.len() > STATUS_BUFFER && queue.changes.pop_front().is_some();
+            queue.dropped += over as u64;
+            over
+        };
+        if dropped {
             metrics::status_change_dropped(1);
+        }
+        self.shared.wake.notify_one();
+    }
+
+    /// Send what is waiting and stop, within `limit` (the end of a drain: the last offline
+    /// changes must reach the backend, or those users stay online there).
+    pub async fn flush_and_stop(&self, limit: Duration) {
+        self.shared.closed.store(true, Ordering::Release);
+        self.shared.wake.notify_one();
+        let task = self.task.lock().take();
+        if let Some(task) = task {
+            if tokio::time::timeout(limit, task).await.is_err() {
+                let left = self.shared.queue.lock().changes.len();
+                warn!(left, "status changes not delivered before the exit");
+            }
         }
     }
 }
 
-async fn run(mut client: BusinessClient<Channel>, mut rx: mpsc::Receiver<StatusChange>) {
-    let mut pending: VecDeque<StatusChange> = VecDeque::new();
+async fn run(mut client: BusinessClient<Channel>, shared: Arc<Pending>) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        // Collect until a batch is full or the flush interval passes.
+        // Wait for a full batch, the flush interval, or the end.
         let deadline = tokio::time::Instant::now() + STATUS_FLUSH;
-        while pending.len() < STATUS_BATCH {
+        loop {
+            let closed = shared.closed.load(Ordering::Acquire);
+            if closed || shared.queue.lock().changes.len() >= STATUS_BATCH {
+                break;
+            }
             tokio::select! {
-                c = rx.recv() => match c {
-                    Some(c) => pending.push_back(c),
-                    None if pending.is_empty() => return,
-                    None => break,
-                },
+                _ = shared.wake.notified() => {}
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
-        if pending.is_empty() {
+        let (batch, dropped_before): (Vec<StatusChange>, u64) = {
+            let queue = shared.queue.lock();
+            let batch = queue.changes.iter().take(STATUS_BATCH).cloned().collect();
+            (batch, queue.dropped)
+        };
+        if batch.is_empty() {
+            if shared.closed.load(Ordering::Acquire) {
+                return;
+            }
             continue;
         }
-        let n = pending.len().min(STATUS_BATCH);
-        let batch = StatusChangeBatch {
-            changes: pending.iter().take(n).cloned().collect(),
-        };
-        match tokio::time::timeout(Duration::from_secs(5), client.on_status_change(batch)).await {
+        let n = batch.len();
+        let request = StatusChangeBatch { changes: batch };
+        match tokio::time::timeout(Duration::from_secs(5), client.on_status_change(request)).await {
             Ok(Ok(_)) => {
-                pending.drain(..n);
+                // The sent changes still at the front: some may have been dropped as the
+                // oldest meanwhile; nothing unsent is removed, nothing sent is sent again.
+                let mut queue = shared.queue.lock();
+                let gone = (queue.dropped - dropped_before) as usize;
+                let sent = n.saturating_sub(gone).min(queue.changes.len());
+                queue.changes.drain(..sent);
                 backoff = Duration::from_millis(100);
             }
             _ => {
                 warn!(
-                    pending = pending.len(),
+                    pending = shared.queue.lock().changes.len(),
                     "status changes not delivered; retrying"
                 );
-                if pending.len() > STATUS_BUFFER {
-                    let drop = pending.len() - STATUS_BUFFER;
-                    pending.drain(..drop);
-                    metrics::status_change_dropped(drop as u64);
-                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
@@ -185,5 +236,33 @@ pub fn change(info: &ConnInfo, instance: &str, online: bool) -> StatusChange {
         instance_id: instance.to_string(),
         transport: info.transport.as_str().to_string(),
         at_ms: crate::now_ms(),
+        session_id: info.session.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Review F9: while the backend is away, a full buffer drops the oldest changes (the
+    /// newest say where each device is now), and counts them.
+    #[tokio::test]
+    async fn a_full_buffer_drops_the_oldest() {
+        let notifier = StatusNotifier::spawn(channel("http://127.0.0.1:9").unwrap());
+        let change = |i: usize| StatusChange {
+            user_id: format!("u{i}"),
+            ..Default::default()
+        };
+        for i in 0..STATUS_BUFFER + 2 {
+            notifier.notify(change(i));
+        }
+        let queue = notifier.shared.queue.lock();
+        assert_eq!(queue.changes.len(), STATUS_BUFFER);
+        assert_eq!(queue.dropped, 2);
+        assert_eq!(queue.changes.front().unwrap().user_id, "u2");
+        assert_eq!(
+            queue.changes.back().unwrap().user_id,
+            format!("u{}", STATUS_BUFFER + 1)
+        );
     }
 }

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -421,7 +422,7 @@ impl GatewayApi for GatewayService {
         check_id("user_id", &req.user_id)?;
         let evicted = self
             .gw
-            .revoke_tokens(&req.user_id)
+            .revoke_tokens(&req.user_id, None)
             .await
             .map_err(unavailable)?;
         Ok(Response::new(InvalidateTokensResponse { evicted }))
@@ -447,6 +448,7 @@ impl GatewayApi for GatewayService {
             let mut held: Option<PushToUserRequest> = None;
             let mut reading = true;
             let mut draining = false;
+            let mut broken: Option<Status> = None;
             loop {
                 if held
                     .as_ref()
@@ -495,14 +497,22 @@ impl GatewayApi for GatewayService {
                     next = inbound.message(), if reading && held.is_none() && inflight.len() < STREAM_DEPTH => {
                         match next {
                             Ok(Some(req)) => held = Some(req),
-                            Ok(None) | Err(_) => reading = false,
+                            Ok(None) => reading = false,
+                            Err(status) => {
+                                // A broken request stream must not end with OK: the pusher
+                                // would take the missing results for success.
+                                reading = false;
+                                broken = Some(status);
+                            }
                         }
                     }
                     else => {
                         if held.is_some() {
                             continue; // started at the top of the loop
                         }
-                        if draining {
+                        if let Some(status) = broken.take() {
+                            let _ = tx.send(Err(status)).await;
+                        } else if draining {
                             let _ = tx
                                 .send(Err(Status::unavailable("the instance is draining: reconnect")))
                                 .await;
@@ -516,63 +526,96 @@ impl GatewayApi for GatewayService {
     }
 }
 
-/// Serve the gRPC listener until `stop` (after the drain: unary calls are served while
-/// draining, open streams end with UNAVAILABLE when it begins).
-pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, stop: CancellationToken) {
-    if let Err(e) = run(gw, listener, stop).await {
-        error!(error = %format!("{e:#}"), "gRPC listener failed");
-    }
-}
+/// The services this listener serves, and only those: proto/ also describes `Business` and
+/// `Auth`, which the gateway calls but does not serve, and listing them would advertise
+/// methods that answer UNIMPLEMENTED.
+pub const SERVED: [&str; 4] = [
+    "imgate.v1.Gateway",
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
 
-async fn run(
-    gw: Arc<Gateway>,
-    listener: TcpListener,
-    stop: CancellationToken,
-) -> anyhow::Result<()> {
-    let cfg = &gw.cfg.grpc;
-    let mut builder = Server::builder().tcp_nodelay(true);
-    if !cfg.tls_cert.is_empty() {
-        let cert = std::fs::read(&cfg.tls_cert)?;
-        let key = std::fs::read(&cfg.tls_key)?;
-        let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
-        if !cfg.client_ca.is_empty() {
-            tls = tls.client_ca_root(Certificate::from_pem(std::fs::read(&cfg.client_ca)?));
-        }
-        builder = builder.tls_config(tls)?;
-    }
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<GatewayServer<GatewayService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
+/// Reflection over the served services, with the descriptors of both reflection versions,
+/// since both are served.
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    let mut b = tonic_reflection::server::Builder::configure()
+        .include_reflection_service(false)
         .register_encoded_file_descriptor_set(super::pb::DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let keys = gw.cfg.api_keys();
-    let gateway = GatewayServer::new(GatewayService::new(gw.clone()))
-        .max_decoding_message_size(gw.cfg.limits.max_push_body.max(64 * 1024) * 2 + 64 * 1024);
-    let mtls_only = keys.is_empty() && !cfg.client_ca.is_empty();
-    let router = if mtls_only {
-        // The client certificate is the credential.
-        builder
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET);
+    for name in SERVED {
+        b = b.with_service_name(name);
+    }
+    b
+}
+
+/// The gRPC API, built before the gateway reports itself started: TLS material that cannot
+/// be read, or a configuration that would serve the API without credentials, stops the start
+/// instead of leaving a bound port that never answers (or answers anyone).
+pub struct Api {
+    router: tonic::transport::server::Router,
+}
+
+impl Api {
+    pub async fn build(gw: Arc<Gateway>) -> anyhow::Result<Api> {
+        let cfg = &gw.cfg.grpc;
+        let mut builder = Server::builder().tcp_nodelay(true);
+        let tls = !cfg.tls_cert.is_empty();
+        if tls {
+            let cert = std::fs::read(&cfg.tls_cert).context("grpc.tls_cert")?;
+            let key = std::fs::read(&cfg.tls_key).context("grpc.tls_key")?;
+            let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+            if !cfg.client_ca.is_empty() {
+                let ca = std::fs::read(&cfg.client_ca).context("grpc.client_ca")?;
+                tls = tls.client_ca_root(Certificate::from_pem(ca));
+            }
+            builder = builder.tls_config(tls).context("grpc TLS")?;
+        }
+        let keys = gw.cfg.api_keys();
+        // The client certificate is the credential only when TLS actually asks for one.
+        let mtls_only = keys.is_empty() && tls && !cfg.client_ca.is_empty();
+        if keys.is_empty() && !mtls_only {
+            anyhow::bail!("the gRPC API needs grpc.api_keys, or grpc.client_ca with grpc.tls_cert");
+        }
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<GatewayServer<GatewayService>>().await;
+        let reflection = reflection_builder().build_v1()?;
+        // Older clients (grpcurl before 1.8.8, many language tools) speak only v1alpha.
+        let reflection_v1alpha = reflection_builder().build_v1alpha()?;
+        let gateway = GatewayServer::new(GatewayService::new(gw.clone()))
+            .max_decoding_message_size(gw.cfg.limits.max_push_body.max(64 * 1024) * 2 + 64 * 1024);
+        let builder = builder
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(gateway)
-    } else {
-        builder
-            .add_service(health_service)
-            .add_service(reflection)
-            .add_service(tonic::service::interceptor::InterceptedService::new(
+            .add_service(reflection_v1alpha);
+        let router = if mtls_only {
+            builder.add_service(gateway)
+        } else {
+            builder.add_service(tonic::service::interceptor::InterceptedService::new(
                 gateway,
                 ApiKeys::new(keys),
             ))
-    };
-    info!(addr = ?listener.local_addr().ok(), "gRPC listening");
-    router
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            stop.cancelled_owned(),
-        )
-        .await?;
-    Ok(())
+        };
+        Ok(Api { router })
+    }
+
+    /// Serve the gRPC listener until `stop` (after the drain: unary calls are served while
+    /// draining, open streams end with UNAVAILABLE when it begins).
+    pub async fn serve(self, listener: TcpListener, stop: CancellationToken) {
+        if let Ok(addr) = listener.local_addr() {
+            info!(%addr, "gRPC listening");
+        }
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        if let Err(e) = self
+            .router
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+            .await
+        {
+            error!(error = %format!("{e:#}"), "gRPC listener failed");
+        }
+    }
 }
 
 #[cfg(test)]

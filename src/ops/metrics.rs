@@ -72,10 +72,12 @@ pub const STATE_OPS: [&str; 14] = [
 ];
 pub const STATE_BACKENDS: [&str; 2] = ["memory", "redis"];
 pub const CLUSTER_DIRECTIONS: [&str; 2] = ["in", "out"];
-pub const REJECT_REASONS: [&str; 10] = [
+pub const REJECT_REASONS: [&str; 12] = [
     "node_limit",
     "ip_limit",
     "unauth_limit",
+    "handshake_limit",
+    "quic_retry",
     "handshake_timeout",
     "origin",
     "bad_request",

@@ -71,7 +71,12 @@ pub fn decode(data: &[u8]) -> Result<ClientFrame, DecodeError> {
             id: field(f.id, "id").map_err(malformed)?,
         }),
         "send" => decode_send(&f).map(ClientFrame::Send),
-        _ => Err(DecodeError::UnknownType(ty)),
+        _ => Err(DecodeError::UnknownType {
+            ty,
+            // Echoed in the `error` so a client can tell which request it answers; an `id`
+            // of another JSON type is left out rather than refused.
+            id: field(f.id, "id").ok().flatten(),
+        }),
     }
 }
 
@@ -375,7 +380,24 @@ mod tests {
         }
         assert_eq!(
             dec(r#"{"type":"welcome"}"#),
-            Err(DecodeError::UnknownType("welcome".into()))
+            Err(DecodeError::UnknownType {
+                ty: "welcome".into(),
+                id: None
+            })
+        );
+        assert_eq!(
+            dec(r#"{"type":"frobnicate","id":"u1"}"#),
+            Err(DecodeError::UnknownType {
+                ty: "frobnicate".into(),
+                id: Some("u1".into())
+            })
+        );
+        assert_eq!(
+            dec(r#"{"type":"frobnicate","id":7}"#),
+            Err(DecodeError::UnknownType {
+                ty: "frobnicate".into(),
+                id: None
+            })
         );
         let bad_send = |s: &str| match dec(s) {
             Err(DecodeError::BadSend { id, .. }) => id,

@@ -206,9 +206,10 @@ pub enum DecodeError {
     /// frame other than `send`): `kick` 4504 and close.
     #[error("malformed frame: {0}")]
     Malformed(String),
-    /// A well-formed frame of a type this server does not know: `error` `unknown_type`.
-    #[error("unknown frame type {0:?}")]
-    UnknownType(String),
+    /// A well-formed frame of a type this server does not know: `error` `unknown_type`,
+    /// carrying the frame's `id` when it had one (a string).
+    #[error("unknown frame type {ty:?}")]
+    UnknownType { ty: String, id: Option<String> },
     /// A `send` whose fields are wrong (no `to` nor `group`, both, bad ids, bad field
     /// types): `reply` `ok:false` `code:"bad_request"` with this id (empty if none could
     /// be read).

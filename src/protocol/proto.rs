@@ -48,7 +48,17 @@ pub fn decode(data: &[u8]) -> Result<ClientFrame, DecodeError> {
                 body: s.body,
             }))
         }
-        Some(other) => Err(DecodeError::UnknownType(server_type_name(&other).into())),
+        Some(other) => Err(DecodeError::UnknownType {
+            ty: server_type_name(&other).into(),
+            id: match other {
+                F::Push(p) => Some(p.id),
+                F::Reply(r) => Some(r.id),
+                F::Pong(p) => p.id,
+                F::Error(e) => e.id,
+                _ => None,
+            }
+            .filter(|id| !id.is_empty()),
+        }),
     }
 }
 
@@ -203,7 +213,24 @@ mod tests {
             Err(DecodeError::Malformed(_))
         ));
         let w = client(F::Welcome(pb::WelcomeFrame::default()));
-        assert_eq!(decode(&w), Err(DecodeError::UnknownType("welcome".into())));
+        assert_eq!(
+            decode(&w),
+            Err(DecodeError::UnknownType {
+                ty: "welcome".into(),
+                id: None
+            })
+        );
+        let pong = client(F::Pong(pb::PongFrame {
+            id: Some("p1".into()),
+            ..Default::default()
+        }));
+        assert_eq!(
+            decode(&pong),
+            Err(DecodeError::UnknownType {
+                ty: "pong".into(),
+                id: Some("p1".into())
+            })
+        );
         let both = client(F::Send(pb::SendFrame {
             id: "9".into(),
             to: Some("a".into()),

@@ -16,8 +16,9 @@ use tracing::{debug, Instrument};
 
 use crate::auth::handshake::HandshakeParams;
 use crate::auth::{AuthError, Identity};
-use crate::gateway::{Gateway, Permits};
+use crate::gateway::Gateway;
 use crate::hub::{ConnHandle, ConnInfo, Control, PushItem};
+use crate::limits::Permits;
 use crate::ops::metrics;
 use crate::protocol::{ClientFrame, CloseCode, Codec, DecodeError, Reply, ServerFrame, Welcome};
 use crate::state::StateError;
@@ -131,10 +132,24 @@ impl UpstreamWorker {
     fn spawn(gw: &Arc<Gateway>, sender: &Arc<ConnInfo>) -> UpstreamWorker {
         let (sends, mut rx) = mpsc::channel(SENDS_IN_FLIGHT);
         let (tx, replies) = mpsc::channel(SENDS_IN_FLIGHT);
+        let tracker = gw.sessions.clone();
         let (gw, sender) = (gw.clone(), sender.clone());
-        tokio::spawn(async move {
-            while let Some(send) = rx.recv().await {
-                let reply = gw.upstream.handle(&sender, send).await;
+        // Ends with its connection (review F12): the sends still queued are dropped and the
+        // one in flight is cancelled, rather than forwarded for a client that is gone (which
+        // would retry them on its next connection) with no bound on such orphans.
+        tracker.spawn(async move {
+            loop {
+                let send = tokio::select! {
+                    s = rx.recv() => match s {
+                        Some(s) => s,
+                        None => return,
+                    },
+                    _ = tx.closed() => return,
+                };
+                let reply = tokio::select! {
+                    r = gw.upstream.handle(&sender, send) => r,
+                    _ = tx.closed() => return,
+                };
                 if tx.send(reply).await.is_err() {
                     return;
                 }
@@ -230,10 +245,11 @@ impl<S: Session> Conn<S> {
             let Some(data) = self.inbound_frame(inbound)? else {
                 continue;
             };
-            if !self.within_rate()? {
+            let decoded = self.codec.decode(&data);
+            if !self.within_rate(&decoded)? {
                 continue;
             }
-            match self.codec.decode(&data) {
+            match decoded {
                 Ok(ClientFrame::Auth { token, since }) => {
                     self.count_received("auth");
                     let id = self.gw.auth.authenticate(&token).await.map_err(auth_end)?;
@@ -246,7 +262,7 @@ impl<S: Session> Conn<S> {
                         ts: crate::now_ms(),
                     });
                 }
-                Ok(_) | Err(DecodeError::UnknownType(_)) | Err(DecodeError::BadSend { .. }) => {
+                Ok(_) | Err(DecodeError::UnknownType { .. }) | Err(DecodeError::BadSend { .. }) => {
                     return Err(End::Kick(
                         CloseCode::Unauthorized,
                         "authenticate first".into(),
@@ -290,6 +306,7 @@ impl<S: Session> Conn<S> {
         let control = Arc::new(Control::default());
         let handle = ConnHandle {
             info: info.clone(),
+            codec: self.codec,
             tx,
             control: control.clone(),
         };
@@ -300,6 +317,14 @@ impl<S: Session> Conn<S> {
             gw: gw.clone(),
             info: info.clone(),
         };
+        // The token was checked before registration: a `KickUser` or `InvalidateTokens`
+        // that ran in between found nothing to close (WebTransport stretches that gap to
+        // the time the client takes to open its control stream). Revocations are recorded
+        // before the hub is searched, so looking again now that the session is in the hub
+        // closes the gap (SPEC §2).
+        if gw.auth.is_revoked(&identity) {
+            return End::kick(CloseCode::Kicked);
+        }
         if let Some(status) = &gw.status {
             status.notify(crate::grpc::business::change(&info, &gw.instance_id, true));
         }
@@ -308,7 +333,7 @@ impl<S: Session> Conn<S> {
         if gw.is_draining() {
             return End::kick(CloseCode::Draining);
         }
-        self.arm_expiry(identity.expires_at_ms);
+        self.arm_expiry(gw.auth.session_deadline_ms(&identity));
 
         let mut sync =
             match Box::pin(self.welcome(&info, &identity, since.as_deref(), keeps_cursor)).await {
@@ -334,6 +359,7 @@ impl<S: Session> Conn<S> {
                 biased;
                 (code, reason) = control.requested() => Err(End::Kick(code, reason)),
                 n = rx.recv_many(&mut items, batch) => {
+                    control.dequeued(queued_bytes(&items, self.codec));
                     if n == 0 {
                         Err(End::kick(CloseCode::Internal))
                     } else {
@@ -366,6 +392,7 @@ impl<S: Session> Conn<S> {
                 while let Ok(item) = rx.try_recv() {
                     items.push(item);
                 }
+                control.dequeued(queued_bytes(&items, self.codec));
                 let _ = self.on_pushes(&mut sync, &info, &mut items).await;
             }
         }
@@ -488,6 +515,11 @@ impl<S: Session> Conn<S> {
             if !progressed {
                 break; // trimmed or expired meanwhile: nothing more to send
             }
+            // Paced like replay: write each batch before reading the next, so a large gap
+            // is never held in memory whole.
+            if sync.last_sent < upto {
+                self.flush().await?;
+            }
         }
         Ok(())
     }
@@ -519,12 +551,22 @@ impl<S: Session> Conn<S> {
             sync.complete = false;
         }
         let n = range.messages.len();
+        // A batch is bounded in bytes too (the connection's outbound budget): 200 large
+        // entries would otherwise be one multi-megabyte write per reconnecting device.
+        let budget = self.gw.cfg.sessions.outbound_queue_bytes;
+        let mut bytes = 0;
+        let mut cut = false;
         for m in range.messages {
+            if bytes >= budget {
+                cut = true;
+                break;
+            }
+            bytes += m.body.len();
             sync.last_sent = m.seq;
             sync.replayed += 1;
             self.queue_stored(m, &range.epoch);
         }
-        if n >= limit && sync.last_sent < range.head_seq {
+        if (cut || n >= limit) && sync.last_sent < range.head_seq {
             sync.awaiting_ack = Some(sync.last_sent);
             return Ok(());
         }
@@ -593,8 +635,9 @@ impl<S: Session> Conn<S> {
         Ok(Some(data))
     }
 
-    /// The inbound rate limit (SPEC §3): whether to handle this frame.
-    fn within_rate(&mut self) -> Result<bool, End> {
+    /// The inbound rate limit (SPEC §3): whether to handle this frame. The one `error`
+    /// sent per window carries the id of the frame that went over, when it had one.
+    fn within_rate(&mut self, frame: &Result<ClientFrame, DecodeError>) -> Result<bool, End> {
         let t = self.transport.as_str();
         match self.rate.check(Instant::now()) {
             Verdict::Allow => Ok(true),
@@ -606,7 +649,7 @@ impl<S: Session> Conn<S> {
                         "more than {} frames per second",
                         self.gw.cfg.limits.rate_per_sec
                     ),
-                    id: None,
+                    id: frame_id(frame),
                 });
                 Ok(false)
             }
@@ -632,18 +675,18 @@ impl<S: Session> Conn<S> {
         // An ack that moves this device forward is never rate limited: dropping one would
         // stall a replay paced by acks. Everything else counts.
         let useful_ack = matches!(&decoded, Ok(ClientFrame::Ack { seq, .. }) if *seq > sync.acked && *seq <= sync.last_sent);
-        if !useful_ack && !self.within_rate()? {
+        if !useful_ack && !self.within_rate(&decoded)? {
             return Ok(());
         }
         let frame = match decoded {
             Ok(f) => f,
             Err(DecodeError::Malformed(m)) => return Err(End::Kick(CloseCode::ProtocolError, m)),
-            Err(DecodeError::UnknownType(ty)) => {
+            Err(DecodeError::UnknownType { ty, id }) => {
                 self.count_received("unknown");
                 self.queue(ServerFrame::Error {
                     code: "unknown_type".into(),
                     message: format!("unknown frame type {ty:?}"),
-                    id: None,
+                    id,
                 });
                 return Ok(());
             }
@@ -712,7 +755,7 @@ impl<S: Session> Conn<S> {
     async fn reauth(&mut self, token: &str, identity: &Identity) {
         match self.gw.auth.authenticate(token).await {
             Ok(new) if new.user == identity.user => {
-                self.arm_expiry(new.expires_at_ms);
+                self.arm_expiry(self.gw.auth.session_deadline_ms(&new));
                 self.queue(ServerFrame::Reauth {
                     token_expires_at_ms: new.expires_at_ms,
                 });
@@ -737,7 +780,8 @@ impl<S: Session> Conn<S> {
                 "no traffic from the client".into(),
             ));
         }
-        self.session.ping().await.map_err(End::from)
+        let limit = self.gw.cfg.limits.write_timeout;
+        bounded(limit, self.control.as_deref(), self.session.ping()).await
     }
 
     // ---- output -------------------------------------------------------------------------
@@ -758,34 +802,23 @@ impl<S: Session> Conn<S> {
         self.out.push(self.codec.encode(&frame));
     }
 
-    /// Write everything queued in one batch, bounded in time: a client that cannot take a
-    /// write within the idle timeout is treated as gone.
+    /// Write everything queued in one batch, bounded (SPEC §9 `limits.write_timeout`): a
+    /// client that does not take a write in time is treated as gone.
     async fn flush(&mut self) -> Result<(), End> {
         if self.out.is_empty() {
             return Ok(());
         }
-        let limit = self.gw.cfg.sessions.idle_timeout;
-        let write = tokio::time::timeout(limit, self.session.send(&self.out));
-        let written = match &self.control {
-            // A write blocked on a client that does not read must not hide a close request
-            // (a 4100 from a full queue, a kick, the drain).
-            Some(control) => tokio::select! {
-                r = write => r,
-                (code, reason) = control.requested() => {
-                    // What was not handed to the socket is dropped: a slow consumer is made
-                    // whole by replay, and a partly written frame completes before the kick.
-                    self.out.clear();
-                    self.out_types.clear();
-                    self.out_pushes.clear();
-                    return Err(End::Kick(code, reason));
-                }
-            },
-            None => write.await,
-        };
-        match written {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(End::from(e)),
-            Err(_) => return Err(End::Gone(false)),
+        let limit = self.gw.cfg.limits.write_timeout;
+        let written = bounded(limit, self.control.as_deref(), self.session.send(&self.out)).await;
+        if let Err(end) = written {
+            if matches!(end, End::Kick(..)) {
+                // What was not handed to the socket is dropped: a slow consumer is made
+                // whole by replay, and a partly written frame completes before the kick.
+                self.out.clear();
+                self.out_types.clear();
+                self.out_pushes.clear();
+            }
+            return Err(end);
         }
         let t = self.transport.as_str();
         metrics::bytes_sent(t, self.out.iter().map(|b| b.len() as u64).sum());
@@ -809,13 +842,59 @@ impl<S: Session> Conn<S> {
                     reason: reason.clone(),
                 });
                 if let Ok(Ok(())) = tokio::time::timeout(FINAL_WRITE, self.flush()).await {
-                    self.session.close(code.code(), &reason).await;
+                    // The close frame is a write too: a client that stopped reading right
+                    // after the kick must not hold the connection (and its slots) open.
+                    let _ =
+                        tokio::time::timeout(FINAL_WRITE, self.session.close(code.code(), &reason))
+                            .await;
                 }
                 code.as_str()
             }
             End::Gone(true) => "1000",
             End::Gone(false) => "1006",
         }
+    }
+}
+
+/// The client's `id` of a frame, when it has one, for an `error` about that frame.
+fn frame_id(frame: &Result<ClientFrame, DecodeError>) -> Option<String> {
+    match frame {
+        Ok(ClientFrame::Ping { id }) => id.clone(),
+        Ok(ClientFrame::Send(s)) => Some(s.id.clone()),
+        Err(DecodeError::UnknownType { id, .. }) => id.clone(),
+        Err(DecodeError::BadSend { id, .. }) => Some(id.clone()),
+        Ok(ClientFrame::Auth { .. } | ClientFrame::Ack { .. }) | Err(DecodeError::Malformed(_)) => {
+            None
+        }
+    }
+    .filter(|id| !id.is_empty())
+}
+
+/// What `items` weighed in their connection's outbound byte budget.
+fn queued_bytes(items: &[Arc<PushItem>], codec: Codec) -> usize {
+    items.iter().map(|i| i.encoded(codec).len()).sum()
+}
+
+/// A write to the client, bounded by `limit` and given up when the connection is asked to
+/// close meanwhile (a 4100 from a full queue, a kick, the drain): a write blocked on a client
+/// that does not read must hide neither.
+async fn bounded(
+    limit: Duration,
+    control: Option<&Control>,
+    write: impl std::future::Future<Output = Result<(), SessionError>>,
+) -> Result<(), End> {
+    let write = tokio::time::timeout(limit, write);
+    let written = match control {
+        Some(control) => tokio::select! {
+            r = write => r,
+            (code, reason) = control.requested() => return Err(End::Kick(code, reason)),
+        },
+        None => write.await,
+    };
+    match written {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(End::from(e)),
+        Err(_) => Err(End::Gone(false)),
     }
 }
 

@@ -223,15 +223,54 @@ pub async fn groups(s: S) {
 }
 
 pub async fn revocation(s: S) {
-    assert_eq!(s.revoked_at("u").await.unwrap(), None);
-    s.revoke("u", 1000).await.unwrap();
-    s.revoke("u", 500).await.unwrap();
+    let none = Revocation::default();
+    assert_eq!(s.revoked_at("u", None).await.unwrap(), none);
+    assert_eq!(s.revoked_at("u", Some("d1")).await.unwrap(), none);
+    s.revoke("u", None, 1000).await.unwrap();
+    s.revoke("u", None, 500).await.unwrap();
     assert_eq!(
-        s.revoked_at("u").await.unwrap(),
-        Some(1000),
+        s.revoked_at("u", None).await.unwrap(),
+        Revocation {
+            user: Some(1000),
+            device: None
+        },
         "the latest wins"
     );
-    assert_eq!(s.revoked_at("v").await.unwrap(), None);
+    assert_eq!(s.revoked_at("v", None).await.unwrap(), none);
+
+    // A device's revocation is its own: other devices and the user-wide time stay.
+    s.revoke("u", Some("d1"), 2000).await.unwrap();
+    s.revoke("u", Some("d1"), 1500).await.unwrap();
+    assert_eq!(
+        s.revoked_at("u", Some("d1")).await.unwrap(),
+        Revocation {
+            user: Some(1000),
+            device: Some(2000)
+        }
+    );
+    assert_eq!(
+        s.revoked_at("u", Some("d2")).await.unwrap(),
+        Revocation {
+            user: Some(1000),
+            device: None
+        }
+    );
+    assert_eq!(
+        s.revoked_at("u", None).await.unwrap().device,
+        None,
+        "no device asked, no device time"
+    );
+    // A device of another user is another device.
+    assert_eq!(s.revoked_at("v", Some("d1")).await.unwrap(), none);
+    s.revoke("w", Some("d1"), 3000).await.unwrap();
+    assert_eq!(
+        s.revoked_at("w", Some("d1")).await.unwrap(),
+        Revocation {
+            user: None,
+            device: Some(3000)
+        }
+    );
+    assert_eq!(s.revoked_at("w", None).await.unwrap(), none);
 }
 
 pub async fn concurrent_appends_leave_no_gap(s: S) {

@@ -89,12 +89,14 @@ impl<S: State> State for Instrumented<S> {
             .await
     }
 
-    async fn revoke(&self, user: &str, at_ms: i64) -> Result<(), StateError> {
-        self.timed("revoke", self.inner.revoke(user, at_ms)).await
+    async fn revoke(&self, user: &str, device: Option<&str>, at_ms: i64) -> Result<(), StateError> {
+        self.timed("revoke", self.inner.revoke(user, device, at_ms))
+            .await
     }
 
-    async fn revoked_at(&self, user: &str) -> Result<Option<i64>, StateError> {
-        self.timed("revoke", self.inner.revoked_at(user)).await
+    async fn revoked_at(&self, user: &str, device: Option<&str>) -> Result<Revocation, StateError> {
+        self.timed("revoke", self.inner.revoked_at(user, device))
+            .await
     }
 
     async fn add_presence(&self, p: &Presence) -> Result<(), StateError> {

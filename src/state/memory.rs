@@ -109,6 +109,13 @@ impl Devices {
     }
 }
 
+/// One user's revocations.
+#[derive(Default)]
+struct Revoked {
+    user: Option<i64>,
+    devices: HashMap<String, i64>,
+}
+
 /// user → that user's connections, on every instance.
 type PresenceShard = Mutex<HashMap<String, Vec<Presence>>>;
 
@@ -116,7 +123,8 @@ pub struct MemoryState {
     shards: Box<[Mutex<HashMap<String, UserRecord>>]>,
     hasher: RandomState,
     groups: Mutex<HashMap<String, HashSet<String>>>,
-    revoked: Mutex<HashMap<String, i64>>,
+    /// user → (user-wide revocation, device → that device's revocation).
+    revoked: Mutex<HashMap<String, Revoked>>,
     /// user → connections; apart from inbox records so presence costs no inbox.
     presence: Box<[PresenceShard]>,
     inbox_max: usize,
@@ -336,15 +344,26 @@ impl State for MemoryState {
         Ok(members)
     }
 
-    async fn revoke(&self, user: &str, at_ms: i64) -> Result<(), StateError> {
+    async fn revoke(&self, user: &str, device: Option<&str>, at_ms: i64) -> Result<(), StateError> {
         let mut r = self.revoked.lock();
-        let e = r.entry(user.to_string()).or_insert(at_ms);
-        *e = (*e).max(at_ms);
+        let user = r.entry(user.to_string()).or_default();
+        let at = match device {
+            None => user.user.get_or_insert(at_ms),
+            Some(d) => user.devices.entry(d.to_string()).or_insert(at_ms),
+        };
+        *at = (*at).max(at_ms);
         Ok(())
     }
 
-    async fn revoked_at(&self, user: &str) -> Result<Option<i64>, StateError> {
-        Ok(self.revoked.lock().get(user).copied())
+    async fn revoked_at(&self, user: &str, device: Option<&str>) -> Result<Revocation, StateError> {
+        let r = self.revoked.lock();
+        let Some(u) = r.get(user) else {
+            return Ok(Revocation::default());
+        };
+        Ok(Revocation {
+            user: u.user,
+            device: device.and_then(|d| u.devices.get(d).copied()),
+        })
     }
 
     async fn add_presence(&self, p: &Presence) -> Result<(), StateError> {

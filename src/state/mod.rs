@@ -143,6 +143,23 @@ pub enum GroupOp {
     Remove,
 }
 
+/// The revocation times (ms) that apply to one device of a user: tokens issued at or before
+/// either are refused. `user` is the latest user-wide revocation (`KickUser` without a
+/// device, `InvalidateTokens`); `device` the latest revocation of that device alone
+/// (`KickUser` with a `device_id`), which only tokens whose `did` is that device fall to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Revocation {
+    pub user: Option<i64>,
+    pub device: Option<i64>,
+}
+
+impl Revocation {
+    /// The latest of the two: what a token of that device is compared with.
+    pub fn latest(&self) -> Option<i64> {
+        self.user.max(self.device)
+    }
+}
+
 /// One connection, as presence records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Presence {
@@ -204,12 +221,14 @@ pub trait State: Send + Sync + 'static {
     /// A group's members (empty for an unknown group).
     async fn group_members(&self, group: &str) -> Result<Vec<String>, StateError>;
 
-    /// Tokens of `user` issued at or before `at_ms` are refused from now on. Stored per
-    /// device, the whole user under the empty device id (ready for per-device sign-out).
-    async fn revoke(&self, user: &str, at_ms: i64) -> Result<(), StateError>;
+    /// Tokens of `user` issued at or before `at_ms` are refused from now on: every token
+    /// of the user (`device` `None`), or only those whose `did` is `device`. Each time only
+    /// moves forward.
+    async fn revoke(&self, user: &str, device: Option<&str>, at_ms: i64) -> Result<(), StateError>;
 
-    /// The latest revocation time of `user`, if any.
-    async fn revoked_at(&self, user: &str) -> Result<Option<i64>, StateError>;
+    /// The latest user-wide revocation of `user` and, when `device` is given, the latest
+    /// revocation of that device.
+    async fn revoked_at(&self, user: &str, device: Option<&str>) -> Result<Revocation, StateError>;
 
     /// Record a connection: the user is online, and reachable on its instance.
     async fn add_presence(&self, p: &Presence) -> Result<(), StateError>;

@@ -1,6 +1,7 @@
 //! The public HTTP(S) listener: `GET /ws` (WebSocket upgrade), `GET /cert-hash`,
-//! `GET /dev/token` (dev profile), `GET /`. Each TCP connection gets its own task, so a slow
-//! handshake never blocks the accept loop; TLS and HTTP headers must arrive within
+//! `GET /dev/token` (dev profile), `GET /`. Each TCP connection is counted at accept (per IP,
+//! and among connections in their handshake), then gets its own task, so a slow handshake
+//! never blocks the accept loop; everything before the upgrade must complete within
 //! `limits.handshake_timeout`.
 
 use std::convert::Infallible;
@@ -14,8 +15,9 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tracing::debug;
@@ -23,6 +25,7 @@ use tracing::debug;
 use crate::auth::handshake::{self, HandshakeError, TokenSource};
 use crate::config::Profile;
 use crate::gateway::Gateway;
+use crate::limits::{Handshaking, IpSlot, Rejection};
 use crate::ops::metrics;
 use crate::ops::server::respond;
 use crate::protocol::Codec;
@@ -52,50 +55,130 @@ pub async fn serve(
                 }
             },
         };
-        let _ = stream.set_nodelay(true);
+        let Some(admitted) = accept(&gw, stream, peer, tls.is_some()) else {
+            continue;
+        };
         let gw = gw.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
-            let limit = gw.cfg.limits.handshake_timeout;
-            let mut stream = stream;
-            let mut peer = peer;
-            if gw.cfg.net.proxy_protocol && gw.trusted.contains(peer.ip()) {
-                match tokio::time::timeout(limit, super::proxy::read_header(&mut stream)).await {
-                    Ok(Ok(Some(client))) => peer = client,
-                    Ok(Ok(None)) => {}
-                    Ok(Err(e)) => {
-                        debug!(error = %e, "refused a connection from a trusted proxy");
-                        metrics::rejected("bad_request");
-                        return;
-                    }
-                    Err(_) => {
-                        metrics::rejected("handshake_timeout");
-                        return;
-                    }
-                }
-            }
-            match tls {
-                None => serve_conn(gw, stream, peer, transport).await,
-                Some(acceptor) => {
-                    match tokio::time::timeout(limit, acceptor.accept(stream)).await {
-                        Ok(Ok(tls_stream)) => serve_conn(gw, tls_stream, peer, transport).await,
-                        Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
-                        Err(_) => metrics::rejected("handshake_timeout"),
-                    }
-                }
+            let deadline = tokio::time::Instant::now() + gw.cfg.limits.handshake_timeout;
+            let conn = handshake(gw, admitted, tls, transport);
+            if tokio::time::timeout_at(deadline, conn).await.is_err() {
+                metrics::rejected("handshake_timeout");
             }
         });
     }
 }
 
-async fn serve_conn<I>(gw: Arc<Gateway>, io: I, peer: SocketAddr, transport: Transport)
-where
+/// A connection accepted and counted, in its handshake.
+struct Accepted {
+    stream: TcpStream,
+    peer: SocketAddr,
+    /// The per-IP slot, taken at accept unless a trusted proxy speaks for the client.
+    slot: Option<IpSlot>,
+    _handshaking: Handshaking,
+}
+
+/// The limits a connection meets before anything is read from it (SPEC §9): the cap on
+/// connections in their handshake, then the per-IP count. Over the per-IP limit, a plain
+/// HTTP client is told 429 (one small write, never waited on); a TLS client is dropped, since
+/// answering would cost the TLS handshake the limit is there to spare.
+fn accept(gw: &Arc<Gateway>, stream: TcpStream, peer: SocketAddr, tls: bool) -> Option<Accepted> {
+    let handshaking = match gw.limits.begin_handshake() {
+        Ok(h) => h,
+        Err(r) => {
+            metrics::rejected(r.reason());
+            return None;
+        }
+    };
+    // A trusted proxy carries many clients: each is counted once its PROXY header or its
+    // X-Forwarded-For names it.
+    let slot = if gw.trusted.contains(peer.ip()) {
+        None
+    } else {
+        match gw.limits.take_ip(peer.ip()) {
+            Ok(slot) => Some(slot),
+            Err(r) => {
+                metrics::rejected(r.reason());
+                if !tls {
+                    let _ = stream.try_write(TOO_MANY);
+                }
+                return None;
+            }
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    Some(Accepted {
+        stream,
+        peer,
+        slot,
+        _handshaking: handshaking,
+    })
+}
+
+const TOO_MANY: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 21\r\nconnection: close\r\n\r\ntoo many connections\n";
+
+/// PROXY header, TLS, then HTTP until the upgrade; the caller bounds all of it.
+async fn handshake(
+    gw: Arc<Gateway>,
+    mut conn: Accepted,
+    tls: Option<TlsAcceptor>,
+    transport: Transport,
+) {
+    if gw.cfg.net.proxy_protocol && conn.slot.is_none() {
+        match super::proxy::read_header(&mut conn.stream).await {
+            Ok(Some(client)) => conn.peer = client,
+            Ok(None) => {}
+            Err(e) => {
+                debug!(error = %e, "refused a connection from a trusted proxy");
+                metrics::rejected("bad_request");
+                return;
+            }
+        }
+        match gw.limits.take_ip(conn.peer.ip()) {
+            Ok(slot) => conn.slot = Some(slot),
+            Err(r) => {
+                metrics::rejected(r.reason());
+                if tls.is_none() {
+                    let _ = conn.stream.write_all(TOO_MANY).await;
+                }
+                return;
+            }
+        }
+    }
+    let Accepted {
+        stream,
+        peer,
+        slot,
+        _handshaking,
+    } = conn;
+    let slot = Arc::new(Mutex::new(slot));
+    match tls {
+        None => serve_conn(gw, stream, peer, slot, transport).await,
+        Some(acceptor) => match acceptor.accept(stream).await {
+            Ok(tls_stream) => serve_conn(gw, tls_stream, peer, slot, transport).await,
+            Err(e) => debug!(error = %e, "TLS handshake failed"),
+        },
+    }
+}
+
+/// The per-IP slot of a connection, handed to the session its upgrade starts.
+type HeldSlot = Arc<Mutex<Option<IpSlot>>>;
+
+async fn serve_conn<I>(
+    gw: Arc<Gateway>,
+    io: I,
+    peer: SocketAddr,
+    slot: HeldSlot,
+    transport: Transport,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limit = gw.cfg.limits.handshake_timeout;
     let svc = service_fn(move |req| {
         let gw = gw.clone();
-        async move { Ok::<_, Infallible>(route(gw, req, peer, transport).await) }
+        let slot = slot.clone();
+        async move { Ok::<_, Infallible>(route(gw, req, peer, slot, transport).await) }
     });
     let result = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -117,18 +200,31 @@ async fn route(
     gw: Arc<Gateway>,
     req: Request<Incoming>,
     peer: SocketAddr,
+    slot: HeldSlot,
     transport: Transport,
 ) -> Response<Body> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return plain(StatusCode::METHOD_NOT_ALLOWED, "only GET here\n");
     }
     match req.uri().path() {
-        "/ws" => upgrade(gw, req, peer, transport).await,
+        "/ws" => upgrade(gw, req, peer, slot, transport).await,
         "/cert-hash" => match &gw.certs {
             Some(certs) => json(StatusCode::OK, certs.cert_hash_json().to_string()),
             None => plain(StatusCode::NOT_FOUND, "no certificate is served\n"),
         },
-        "/dev/token" if gw.cfg.profile == Profile::Dev => dev_token(&gw, &req),
+        "/dev/token" if gw.cfg.profile == Profile::Dev => {
+            // Dev tokens are for the developer's own machine (SPEC §9): a dev instance
+            // reachable from elsewhere must not hand out tokens for any user.
+            let ip = handshake::client_ip(peer.ip(), req.headers(), &gw.trusted);
+            if ip.to_canonical().is_loopback() {
+                dev_token(&gw, &req)
+            } else {
+                plain(
+                    StatusCode::FORBIDDEN,
+                    "dev tokens are handed out to loopback clients only\n",
+                )
+            }
+        }
         "/" => respond(
             StatusCode::OK,
             "text/html; charset=utf-8",
@@ -170,7 +266,8 @@ fn json(status: StatusCode, body: String) -> Response<Body> {
     r
 }
 
-/// `GET /dev/token?user=U&device=D&platform=P` (dev profile only).
+/// `GET /dev/token?user=U[&device=D][&platform=P]` (dev profile only): `{"token": …}`, HS256 with the
+/// configured (or dev) secret, valid 1 h (loopback clients only: see `route`).
 fn dev_token(gw: &Gateway, req: &Request<Incoming>) -> Response<Body> {
     let mut user = None;
     let mut device = None;
@@ -193,7 +290,19 @@ fn dev_token(gw: &Gateway, req: &Request<Incoming>) -> Response<Body> {
         .as_deref()
         .is_some_and(|d| !crate::protocol::valid_id(d))
     {
-        return plain(StatusCode::BAD_REQUEST, "bad device id\n");
+        return plain(
+            StatusCode::BAD_REQUEST,
+            "device must be 1-128 chars of A-Z a-z 0-9 . _ : @ -\n",
+        );
+    }
+    if platform
+        .as_deref()
+        .is_some_and(|p| !crate::auth::jwt::PLATFORMS.contains(&p))
+    {
+        return plain(
+            StatusCode::BAD_REQUEST,
+            "platform must be ios, android, web, desktop or other\n",
+        );
     }
     let secret = gw.cfg.jwt_secret().unwrap_or_default();
     match crate::auth::jwt::issue_hs256(
@@ -233,6 +342,7 @@ async fn upgrade(
     gw: Arc<Gateway>,
     mut req: Request<Incoming>,
     peer: SocketAddr,
+    slot: HeldSlot,
     transport: Transport,
 ) -> Response<Body> {
     if gw.is_draining() {
@@ -282,11 +392,12 @@ async fn upgrade(
         }
     };
     let token = params.token.take();
-    let permits = match gw.limits.admit(ip, token.is_none()) {
+    let held = slot.lock().take();
+    let permits = match gw.limits.admit(ip, held, token.is_none()) {
         Ok(p) => p,
         Err(r) => {
             let status = match r {
-                crate::gateway::Rejection::IpLimit => StatusCode::TOO_MANY_REQUESTS,
+                Rejection::IpLimit => StatusCode::TOO_MANY_REQUESTS,
                 _ => StatusCode::SERVICE_UNAVAILABLE,
             };
             metrics::rejected(r.reason());

@@ -5,6 +5,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
@@ -76,6 +77,11 @@ where
 fn map_err(e: WsError) -> SessionError {
     match e {
         WsError::Capacity(_) => SessionError::TooLarge,
+        // A socket dropped without a close frame is a connection that went away (1006), not
+        // a client speaking bad WebSocket (4504).
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+            SessionError::Io("reset without a closing handshake".into())
+        }
         WsError::Protocol(p) => SessionError::Protocol(p.to_string()),
         WsError::Utf8(_) => SessionError::Protocol("invalid UTF-8 in a text message".into()),
         other => SessionError::Io(other.to_string()),

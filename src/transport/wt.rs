@@ -24,6 +24,7 @@ use super::{Inbound, Session, SessionError, Transport};
 use crate::auth::handshake::{self, HandshakeError, TokenSource};
 use crate::config::Config;
 use crate::gateway::Gateway;
+use crate::limits::{Handshaking, IpSlot};
 use crate::ops::metrics;
 use crate::protocol::{ClientFrame, Codec, ServerFrame};
 use crate::session::rate::{RateLimiter, Verdict};
@@ -98,8 +99,11 @@ pub async fn serve(gw: Arc<Gateway>, endpoint: Endpoint<Server>, stop: Cancellat
             incoming.refuse();
             continue;
         }
-        let gw2 = gw.clone();
-        gw.sessions.spawn(handshake(gw2, incoming));
+        if let Some((incoming, slot, handshaking)) = count(&gw, incoming) {
+            let gw2 = gw.clone();
+            gw.sessions
+                .spawn(handshake(gw2, incoming, slot, handshaking));
+        }
     }
     endpoint.close(VarInt::from_u32(0), b"shutdown");
     // Let the close reach the clients still connected (a shutdown timeout) before exiting.
@@ -113,19 +117,60 @@ enum Refusal {
     TooMany(&'static str),
 }
 
+/// The limits a QUIC connection meets before a task or a TLS handshake is spent on it (SPEC
+/// §9): the cap on handshakes in flight, address validation (a Retry) under load, the per-IP
+/// count. Refused ones get a QUIC refusal.
+fn count(
+    gw: &Arc<Gateway>,
+    incoming: IncomingSession,
+) -> Option<(IncomingSession, IpSlot, Handshaking)> {
+    let Ok(handshaking) = gw.limits.begin_handshake() else {
+        metrics::rejected("handshake_limit");
+        incoming.refuse();
+        return None;
+    };
+    if !incoming.remote_address_validated() && gw.limits.under_load() {
+        // The client comes back with a token proving it owns its address: a spoofed
+        // flood costs one stateless packet each, not a TLS handshake.
+        metrics::rejected("quic_retry");
+        incoming.retry();
+        return None;
+    }
+    match gw.limits.take_ip(incoming.remote_address().ip()) {
+        Ok(slot) => Some((incoming, slot, handshaking)),
+        Err(r) => {
+            metrics::rejected(r.reason());
+            incoming.refuse();
+            None
+        }
+    }
+}
+
 /// One session from its first packet to its end. The handshake runs boxed and is freed once
 /// done, so an open session's task holds only the session.
-async fn handshake(gw: Arc<Gateway>, incoming: IncomingSession) {
-    if let Some((session, adm)) = Box::pin(establish(&gw, incoming)).await {
+async fn handshake(
+    gw: Arc<Gateway>,
+    incoming: IncomingSession,
+    slot: IpSlot,
+    handshaking: Handshaking,
+) {
+    if let Some((session, adm)) = Box::pin(establish(&gw, incoming, slot, handshaking)).await {
         session::run(gw, session, adm).await;
     }
 }
 
-/// QUIC and TLS, the session request and its checks, then the control stream.
-async fn establish(gw: &Arc<Gateway>, incoming: IncomingSession) -> Option<(WtSession, Admission)> {
+/// QUIC and TLS, the session request and its checks (all within `limits.handshake_timeout`),
+/// then the control stream.
+async fn establish(
+    gw: &Arc<Gateway>,
+    incoming: IncomingSession,
+    slot: IpSlot,
+    handshaking: Handshaking,
+) -> Option<(WtSession, Admission)> {
     let peer = incoming.remote_address();
     let limit = gw.cfg.limits.handshake_timeout;
-    let request = match tokio::time::timeout(limit, incoming).await {
+    let deadline = tokio::time::Instant::now() + limit;
+    let request = match tokio::time::timeout_at(deadline, incoming).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             debug!(error = %e, %peer, "WebTransport handshake failed");
@@ -144,7 +189,7 @@ async fn establish(gw: &Arc<Gateway>, incoming: IncomingSession) -> Option<(WtSe
     let admitted = if path != PATH {
         Err(Refusal::NotFound)
     } else {
-        admit(gw, &headers, request.origin(), query, peer).await
+        admit(gw, &headers, request.origin(), query, peer, slot).await
     };
     let adm = match admitted {
         Ok(adm) => adm,
@@ -170,7 +215,7 @@ async fn establish(gw: &Arc<Gateway>, incoming: IncomingSession) -> Option<(WtSe
             return None;
         }
     };
-    let conn = match tokio::time::timeout(limit, request.accept()).await {
+    let conn = match tokio::time::timeout_at(deadline, request.accept()).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             debug!(error = %e, "WebTransport session not established");
@@ -181,6 +226,7 @@ async fn establish(gw: &Arc<Gateway>, incoming: IncomingSession) -> Option<(WtSe
             return None;
         }
     };
+    drop(handshaking);
     // The control stream: the client's first bidirectional stream, announced by its first
     // write (SPEC §3). A session that never opens one is closed with 4102.
     let opened = tokio::select! {
@@ -218,6 +264,7 @@ async fn admit(
     origin: Option<&str>,
     query: Option<&str>,
     peer: SocketAddr,
+    slot: IpSlot,
 ) -> Result<Admission, Refusal> {
     if gw.is_draining() {
         return Err(Refusal::TooMany("draining"));
@@ -237,7 +284,7 @@ async fn admit(
     let token = params.token.take();
     let permits = gw
         .limits
-        .admit(ip, token.is_none())
+        .admit(ip, Some(slot), token.is_none())
         .map_err(|r| Refusal::TooMany(r.reason()))?;
     let handshake_auth = match token {
         None => None,

@@ -153,15 +153,64 @@ over_transports!(refresh_in_place, |kind: Kind| async move {
     assert_eq!(c.ping("still").await["id"], "still");
 });
 
-over_transports!(token_expiry_closes_4501, |kind: Kind| async move {
+over_transports!(
+    token_expiry_closes_4501_after_the_leeway,
+    |kind: Kind| async move {
+        let gw = TestGateway::with(|c| c.auth.leeway = Duration::from_secs(1)).await;
+        // exp one second ahead: the session is closed once exp + leeway has passed.
+        let now = imgate::now_ms() / 1000;
+        let t = raw_token(json!({"sub": "hank", "iat": now, "exp": now + 1}));
+        let mut c = gw.connect(kind, &format!("token={t}"), &[]).await.unwrap();
+        let w = c.expect("welcome").await;
+        // `welcome` tells the token's own `exp`: what a client schedules its refresh by.
+        assert_eq!(w["token_expires_at_ms"], (now + 1) * 1000);
+        c.expect("synced").await;
+        // Timed at the kick: over WebTransport the close itself may wait for the client.
+        let k = c.expect("kick").await;
+        assert_eq!(k["code"], 4501);
+        assert!(
+            imgate::now_ms() >= (now + 2) * 1000,
+            "kicked before exp + leeway"
+        );
+        assert_eq!(c.closed().await.code, Some(4501));
+    }
+);
+
+over_transports!(
+    leeway_admits_a_token_that_just_expired,
+    |kind: Kind| async move {
+        // The default leeway (30 s) tolerates a gateway clock ahead of the issuer's.
+        let gw = TestGateway::start().await;
+        let now = imgate::now_ms() / 1000;
+        let t = raw_token(json!({"sub": "hope", "iat": now - 600, "exp": now - 1}));
+        let mut c = gw.connect(kind, &format!("token={t}"), &[]).await.unwrap();
+        let w = c.expect("welcome").await;
+        assert_eq!(w["token_expires_at_ms"], (now - 1) * 1000);
+        assert_eq!(c.ping("alive").await["id"], "alive");
+        // Past the leeway it is refused as expired.
+        let t = raw_token(json!({"sub": "hope", "iat": now - 600, "exp": now - 31}));
+        let mut c = gw.connect(kind, &format!("token={t}"), &[]).await.unwrap();
+        c.expect_kick(4501).await;
+    }
+);
+
+#[tokio::test]
+async fn nbf_is_honoured_with_the_leeway() {
     let gw = TestGateway::start().await;
-    // exp one second ahead: the session is closed when it passes.
     let now = imgate::now_ms() / 1000;
-    let t = raw_token(json!({"sub": "hank", "iat": now, "exp": now + 1}));
-    let mut c = gw.connect(kind, &format!("token={t}"), &[]).await.unwrap();
+    let early = raw_token(json!({"sub": "nell", "iat": now, "nbf": now + 3600, "exp": now + 7200}));
+    let mut c = gw
+        .connect(Kind::Ws, &format!("token={early}"), &[])
+        .await
+        .unwrap();
+    c.expect_kick(4500).await;
+    let skewed = raw_token(json!({"sub": "nell", "iat": now, "nbf": now + 10, "exp": now + 7200}));
+    let mut c = gw
+        .connect(Kind::Ws, &format!("token={skewed}"), &[])
+        .await
+        .unwrap();
     c.expect("welcome").await;
-    c.expect_kick(4501).await;
-});
+}
 
 over_transports!(kick_revokes_tokens, |kind: Kind| async move {
     let gw = TestGateway::start().await;

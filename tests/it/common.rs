@@ -189,6 +189,17 @@ impl TestGateway {
         announce: bool,
     ) -> Result<Client, ConnectError> {
         let conn = self.wt_session(query, headers).await?;
+        Self::open_control(conn, query, headers, announce).await
+    }
+
+    /// Open the control stream of a session from `wt_session` (given the same query and
+    /// headers), as `connect_wt` does.
+    pub async fn open_control(
+        conn: wtransport::Connection,
+        query: &str,
+        headers: &[(&str, &str)],
+        announce: bool,
+    ) -> Result<Client, ConnectError> {
         let (send, recv) = conn
             .open_bi()
             .await

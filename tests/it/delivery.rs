@@ -396,3 +396,46 @@ over_transports!(group_send_and_transient_pushes, |kind: Kind| async move {
         "only the durable group message: {pushes:?}"
     );
 });
+
+// Review F10: a replay batch is bounded in bytes as well as entries, so a reconnecting
+// device with large entries is not sent megabytes in one go; it gets the rest as it acks.
+over_transports!(
+    replay_batches_are_bounded_in_bytes,
+    |kind: Kind| async move {
+        let gw = TestGateway::with(|c| c.sessions.outbound_queue_bytes = 100 * 1024).await;
+        let d = gw.gw().delivery.clone();
+        let big = format!("\"{}\"", "x".repeat(60 * 1024));
+        for _ in 0..10 {
+            d.push_durable("heavy", msg(&big)).await.unwrap();
+        }
+        let (mut c, _) = connect_device(&gw, kind, "heavy", "d", "").await;
+        // What precedes the pong is the first batch: 2 entries reach the 100 KiB budget.
+        c.send(json!({"type": "ping", "id": "p"})).await;
+        let mut first = Vec::new();
+        loop {
+            let v = c.recv().await;
+            match v["type"].as_str() {
+                Some("push") => first.push(v),
+                Some("pong") => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(seqs(&first), vec![1, 2]);
+        // Acking brings the rest, a batch at a time, then synced.
+        let mut seen = seqs(&first);
+        let mut last = first.pop().unwrap();
+        loop {
+            ack(&mut c, &last).await;
+            let v = c.recv().await;
+            match v["type"].as_str() {
+                Some("push") => {
+                    seen.push(v["seq"].as_u64().unwrap());
+                    last = v;
+                }
+                Some("synced") => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(seen, (1..=10).collect::<Vec<u64>>());
+    }
+);

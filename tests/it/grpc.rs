@@ -494,6 +494,30 @@ async fn push_stream_answers_in_order_and_items_fail_alone() {
     }
 }
 
+/// A request stream that breaks (here an item over the decoding limit) ends the response with
+/// that error, not with OK: a pusher must not take the missing results for success.
+#[tokio::test]
+async fn push_stream_ends_with_the_error_that_broke_it() {
+    let gw = TestGateway::start().await;
+    let mut api = client(&gw, Some("dev-key")).await;
+    let huge = "x".repeat(1024 * 1024);
+    let reqs = vec![
+        push("sam", "1", pb::Delivery::Transient),
+        push("sam", &huge, pb::Delivery::Transient),
+        push("sam", "3", pb::Delivery::Transient),
+    ];
+    let mut results = api
+        .push_stream(tokio_stream::iter(reqs))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(WAIT, results.message()).await.unwrap();
+    assert!(first.unwrap().unwrap().error_code.is_empty());
+    let end = tokio::time::timeout(WAIT, results.message()).await.unwrap();
+    let status = end.expect_err("the stream ends with an error status");
+    assert_ne!(status.code(), Code::Ok, "{status:?}");
+}
+
 /// A pusher much faster than one client: that client is closed with 4100, the stream is
 /// never held back by it, and the client is made whole on reconnect.
 #[tokio::test]
@@ -576,6 +600,87 @@ async fn push_stream_ends_unavailable_when_draining() {
     drain.await.unwrap();
 }
 
+/// Review F12: when a connection goes, its sends are not forwarded any more: the one in
+/// flight is cancelled and the queued ones are dropped (the client retries them on its next
+/// connection, so forwarding them too would duplicate them).
+#[tokio::test]
+async fn sends_of_a_connection_that_went_are_not_forwarded() {
+    let (backend, endpoint, _stop) = backend().await;
+    *backend.delay.lock() = Duration::from_secs(30);
+    let gw = TestGateway::with(|c| {
+        c.upstream.mode = imgate::config::UpstreamMode::Grpc;
+        c.upstream.endpoint = endpoint.clone();
+        c.upstream.timeout = Duration::from_secs(60);
+    })
+    .await;
+    let mut c = gw.login(Kind::Ws, "gone", "d").await;
+    for i in 0..5 {
+        c.send(json!({"type": "send", "id": i.to_string(), "to": "x", "body": i}))
+            .await;
+    }
+    crate::common::eventually(|| *backend.started.lock() == 1).await;
+    drop(c);
+    crate::common::eventually(|| *backend.cancelled.lock() == 1).await;
+    crate::common::eventually(|| gw.gw().sessions.is_empty()).await;
+    assert!(backend.messages.lock().is_empty());
+}
+
+/// Review F9: presence changes name their connection, so a device that reconnects before
+/// its old connection ends (a network change) is not taken for offline; and a drain sends
+/// the last changes before the process exits.
+#[tokio::test]
+async fn status_changes_name_their_connection_and_survive_the_drain() {
+    let (backend, endpoint, _stop) = backend().await;
+    let mut gw = TestGateway::with(|c| {
+        c.upstream.mode = imgate::config::UpstreamMode::Grpc;
+        c.upstream.endpoint = endpoint.clone();
+    })
+    .await;
+    let t = token("roam", Some("phone"), None, Duration::from_secs(60));
+    let mut old = gw
+        .connect(Kind::Ws, &format!("token={t}"), &[])
+        .await
+        .unwrap();
+    let old_session = old.expect("welcome").await["session"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut new = gw
+        .connect(Kind::Ws, &format!("token={t}"), &[])
+        .await
+        .unwrap();
+    let new_session = new.expect("welcome").await["session"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    old.close().await;
+    crate::common::eventually(|| backend.changes.lock().iter().any(|s| !s.online)).await;
+    {
+        let changes = backend.changes.lock();
+        let offline: Vec<_> = changes.iter().filter(|s| !s.online).collect();
+        assert_eq!(offline.len(), 1);
+        assert_eq!(
+            offline[0].session_id, old_session,
+            "the old connection went"
+        );
+        assert!(changes
+            .iter()
+            .any(|s| s.online && s.session_id == new_session));
+    }
+    // The drain's last offline change reaches the backend before the drain returns (the
+    // client answers the close at once, so the drain ends right after its session).
+    let reader = tokio::spawn(async move { new.closed().await });
+    let running = gw.running.take().unwrap();
+    running.drain().await;
+    let sent = backend
+        .changes
+        .lock()
+        .iter()
+        .any(|s| !s.online && s.session_id == new_session);
+    assert!(sent, "the drained connection's offline change was sent");
+    reader.await.unwrap();
+}
+
 // ---- fake backends ------------------------------------------------------------------
 
 #[derive(Default)]
@@ -586,6 +691,20 @@ struct Backend {
     auth_calls: Mutex<usize>,
     /// Answer UNAVAILABLE to everything, as a backend in trouble does.
     down: Mutex<bool>,
+    /// `HandleMessage` calls begun, and those given up by the gateway before their answer.
+    started: Mutex<usize>,
+    cancelled: Mutex<usize>,
+}
+
+/// Counts a call dropped before it finished (the caller cancelled it).
+struct CancelGuard(Arc<Backend>, bool);
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if !self.1 {
+            *self.0.cancelled.lock() += 1;
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -602,7 +721,10 @@ impl pb::business_server::Business for Fake {
         }
         let m = req.into_inner();
         let delay = *self.0.delay.lock();
+        *self.0.started.lock() += 1;
+        let mut guard = CancelGuard(self.0.clone(), false);
         tokio::time::sleep(delay).await;
+        guard.1 = true;
         let body = Bytes::from(format!("{{\"echo\":{}}}", String::from_utf8_lossy(&m.body)));
         let reject = m.kind == "reject";
         self.0.messages.lock().push(m);
@@ -926,4 +1048,74 @@ async fn pushes_and_frames_move_their_metrics() {
             .all(|((name, labels), (b, m))| metric(&text, name, labels) >= b + m)
     })
     .await;
+}
+
+/// Reflection answers over both versions clients use, and lists only what is served here
+/// (`grpcurl list` must not advertise `Business` or `Auth`, which answer UNIMPLEMENTED).
+#[tokio::test]
+async fn reflection_over_v1_and_v1alpha_lists_the_served_services() {
+    use tonic_reflection::pb::{v1, v1alpha};
+    let gw = TestGateway::start().await;
+    let channel = Channel::from_shared(format!("http://{}", gw.grpc.unwrap()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let want = vec![
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "imgate.v1.Gateway",
+    ];
+
+    let mut client = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let req = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut answers = tokio::time::timeout(
+        WAIT,
+        client.server_reflection_info(tokio_stream::iter([req])),
+    )
+    .await
+    .expect("in time")
+    .unwrap()
+    .into_inner();
+    let answer = answers.message().await.unwrap().unwrap();
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        answer.message_response
+    else {
+        panic!("not a service list: {answer:?}");
+    };
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    assert_eq!(names, want);
+
+    let mut client = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
+    let req = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "imgate.v1.Gateway".into(),
+            ),
+        ),
+    };
+    let mut answers = tokio::time::timeout(
+        WAIT,
+        client.server_reflection_info(tokio_stream::iter([req])),
+    )
+    .await
+    .expect("in time")
+    .unwrap()
+    .into_inner();
+    let answer = answers.message().await.unwrap().unwrap();
+    assert!(
+        matches!(
+            answer.message_response,
+            Some(v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(_))
+        ),
+        "{answer:?}"
+    );
 }

@@ -42,6 +42,14 @@ over_transports!(
         c.send(json!({"type": "teleport"})).await;
         let e = c.expect("error").await;
         assert_eq!(e["code"], "unknown_type");
+        assert!(e.get("id").is_none(), "{e}");
+        // With an id, the error says which frame it is about.
+        c.send(json!({"type": "frobnicate", "id": "u1"})).await;
+        let e = c.expect("error").await;
+        assert_eq!(
+            (e["code"].as_str(), e["id"].as_str()),
+            (Some("unknown_type"), Some("u1"))
+        );
         c.send(json!({"type": "send", "id": "r1", "body": "no target"}))
             .await;
         let r = c.expect("reply").await;
@@ -73,7 +81,12 @@ over_transports!(rate_limit_then_4104, |kind: Kind| async move {
     for i in 0..5 {
         assert_eq!(c.expect("pong").await["id"], i.to_string());
     }
-    assert_eq!(c.expect("error").await["code"], "rate_limited");
+    let e = c.expect("error").await;
+    // The error names the first frame over the limit.
+    assert_eq!(
+        (e["code"].as_str(), e["id"].as_str()),
+        (Some("rate_limited"), Some("5"))
+    );
     // Keep flooding until the server gives up on us.
     let flood = async {
         loop {
@@ -283,9 +296,57 @@ async fn slow_consumer_4100() {
     assert_eq!(fast.expect("push").await["body"], 1);
     crate::common::eventually(|| gw.gw().hub.connections("slow").is_empty()).await;
     let (_, t) = gw.http_get(gw.ops, "/metrics").await;
-    assert!(metric(&t, "imgate_slow_consumer_total", &[]) > before);
+    // Counted once: the connection closed, not each of the pushes it refused.
+    assert_eq!(metric(&t, "imgate_slow_consumer_total", &[]), before + 1.0);
     let closed = slow.closed().await;
     assert_eq!(closed.kick, Some(4100), "{closed:?}");
+}
+
+// SPEC §5: slow is bytes queued, so a client that reads as fast as it can is not closed by
+// a burst that fits the byte budget, even one far longer than the old 256-frame queue.
+over_transports!(a_burst_is_not_a_slow_consumer, |kind: Kind| async move {
+    let gw = TestGateway::start().await;
+    let mut c = gw.login(kind, "burst", "d").await;
+    let delivery = gw.gw().delivery.clone();
+    const N: usize = 1000;
+    for i in 0..N {
+        delivery.push_transient(
+            "burst",
+            imgate::delivery::OutMessage {
+                body: i.to_string().into(),
+                ..Default::default()
+            },
+        );
+    }
+    for i in 0..N {
+        assert_eq!(c.expect("push").await["body"], i);
+    }
+    assert_eq!(c.ping("still-here").await["id"], "still-here");
+});
+
+/// A WebSocket dropped without a close frame went away (1006); it did not speak bad
+/// WebSocket (4504).
+#[tokio::test]
+async fn a_dropped_socket_counts_as_1006() {
+    let gw = TestGateway::start().await;
+    let c = gw.login(Kind::Ws, "gone", "d").await;
+    let closed = |t: &str, code: &str| {
+        metric(
+            t,
+            "imgate_connections_closed_total",
+            &[("transport", "ws"), ("code", code)],
+        )
+    };
+    let (_, before) = gw.http_get(gw.ops, "/metrics").await;
+    drop(c); // the TCP connection goes without a close frame
+    crate::common::eventually(|| gw.gw().hub.connections("gone").is_empty()).await;
+    crate::common::eventually_async(|| async {
+        let (_, t) = gw.http_get(gw.ops, "/metrics").await;
+        closed(&t, "1006") > closed(&before, "1006")
+    })
+    .await;
+    let (_, after) = gw.http_get(gw.ops, "/metrics").await;
+    assert_eq!(closed(&after, "4504"), closed(&before, "4504"));
 }
 
 /// Behind a load balancer speaking PROXY protocol v2, the per-IP limit applies to the
@@ -311,9 +372,12 @@ async fn proxy_protocol_v2_client_addresses() {
         let header = encode_header("198.51.100.1:40000".parse().unwrap(), dst);
         let mut first = gw.connect_after(kind, &q, &[], &header).await.unwrap();
         first.expect("welcome").await;
-        match gw.connect_after(kind, &q, &[], &header).await {
-            Err(ConnectError::Refused(status)) => assert_eq!(status, Some(429)),
-            other => panic!(
+        // Counted when the PROXY header names it: plain HTTP is told 429, TLS is dropped
+        // before the handshake it would cost.
+        match (kind, gw.connect_after(kind, &q, &[], &header).await) {
+            (Kind::Ws, Err(ConnectError::Refused(status))) => assert_eq!(status, Some(429)),
+            (Kind::Wss, Err(_)) => {}
+            (_, other) => panic!(
                 "the same client address is limited: {other:?}",
                 other = other.map(|_| ())
             ),
@@ -326,4 +390,164 @@ async fn proxy_protocol_v2_client_addresses() {
     other.expect("welcome").await;
     // No header from a trusted peer: not served.
     assert!(gw.connect(Kind::Ws, &q, &[]).await.is_err());
+}
+
+/// Read until the server closes or answers; what it sent (empty: closed without a word).
+async fn first_answer(s: &mut TcpStream) -> String {
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+        .await
+        .expect("the server answers or closes in time")
+        .unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// SPEC §9: `max_per_ip` counts connections from accept, whatever they ask for, so one
+/// address cannot hold connections that never reach `/ws` (here: idle ones, with a
+/// handshake timeout long enough that it is not what ends them).
+#[tokio::test]
+async fn per_ip_counts_from_accept() {
+    let gw = TestGateway::with(|c| {
+        c.limits.max_per_ip = 2;
+        c.limits.handshake_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let idle1 = TcpStream::connect(gw.http).await.unwrap();
+    let _idle2 = TcpStream::connect(gw.https.unwrap()).await.unwrap();
+    let mut third = TcpStream::connect(gw.http).await.unwrap();
+    assert!(first_answer(&mut third).await.starts_with("HTTP/1.1 429"));
+    // Over TLS the connection is dropped before the TLS handshake it would cost.
+    let mut fourth = TcpStream::connect(gw.https.unwrap()).await.unwrap();
+    assert_eq!(first_answer(&mut fourth).await, "");
+    let (_, text) = gw.http_get(gw.ops, "/metrics").await;
+    assert!(
+        metric(
+            &text,
+            "imgate_connections_rejected_total",
+            &[("reason", "ip_limit")]
+        ) >= 2.0
+    );
+    // A slot comes back when its connection goes.
+    drop(idle1);
+    crate::common::eventually_async(|| async {
+        let mut s = TcpStream::connect(gw.http).await.unwrap();
+        s.write_all(b"GET /favicon.ico HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        first_answer(&mut s).await.starts_with("HTTP/1.1 204")
+    })
+    .await;
+}
+
+/// Connections still in their handshake are capped per node: beyond it they are dropped at
+/// once, counted as `handshake_limit`.
+#[tokio::test]
+async fn handshakes_in_flight_are_capped() {
+    let gw = TestGateway::with(|c| {
+        c.limits.max_handshakes = 2;
+        c.limits.handshake_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let _a = TcpStream::connect(gw.http).await.unwrap();
+    let _b = TcpStream::connect(gw.http).await.unwrap();
+    let mut c = TcpStream::connect(gw.http).await.unwrap();
+    assert_eq!(first_answer(&mut c).await, "");
+    let (_, text) = gw.http_get(gw.ops, "/metrics").await;
+    assert_eq!(
+        metric(
+            &text,
+            "imgate_connections_rejected_total",
+            &[("reason", "handshake_limit")]
+        ),
+        1.0
+    );
+}
+
+/// A client that pipelines requests and never reads its responses is cut off at
+/// `limits.handshake_timeout` (before, hyper waited on the write forever).
+#[tokio::test]
+async fn a_client_that_never_reads_is_cut_off() {
+    let gw = TestGateway::with(|c| c.limits.handshake_timeout = Duration::from_secs(1)).await;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut s = sock.connect(gw.http).await.unwrap();
+    const N: usize = 2000;
+    let reqs = "GET /imgate.js HTTP/1.1\r\nHost: x\r\n\r\n".repeat(N);
+    s.write_all(reqs.as_bytes()).await.unwrap();
+    // The event: the gateway gives up on the connection.
+    crate::common::eventually_async(|| async {
+        let (_, text) = gw.http_get(gw.ops, "/metrics").await;
+        metric(
+            &text,
+            "imgate_connections_rejected_total",
+            &[("reason", "handshake_timeout")],
+        ) >= 1.0
+    })
+    .await;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut got))
+        .await
+        .expect("closed, not left open");
+    let responses = String::from_utf8_lossy(&got)
+        .matches("HTTP/1.1 200")
+        .count();
+    assert!(responses < N, "{responses} of {N} responses: not cut off");
+}
+
+/// Review F5, SPEC §9 `limits.write_timeout`: a client with a small receive buffer that
+/// fills it and stops reading, while heartbeat pings keep being due, cannot outlive a kick:
+/// whichever write it blocks (frames, a ping, the kick, the close) is bounded.
+#[tokio::test]
+async fn a_client_that_stops_reading_cannot_outlive_a_kick() {
+    let gw = TestGateway::with(|c| {
+        c.limits.write_timeout = Duration::from_millis(500);
+        c.sessions.heartbeat = Duration::from_millis(20);
+        c.sessions.idle_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let stream = sock.connect(gw.http).await.unwrap();
+    let t = token("stuck", Some("d"), None, Duration::from_secs(60));
+    let url = format!("ws://{}/ws?token={t}", gw.http);
+    let (mut ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::client_async(url, stream))
+        .await
+        .unwrap()
+        .unwrap();
+    use futures_util::StreamExt;
+    loop {
+        let m = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if m.to_text().unwrap_or("").contains("\"synced\"") {
+            break;
+        }
+    }
+    // Fill the socket, then stop reading (the client keeps its TCP stack alive).
+    let body = bytes::Bytes::from(vec![b'x'; 64 * 1024]);
+    for _ in 0..200 {
+        gw.gw().delivery.push_transient(
+            "stuck",
+            imgate::delivery::OutMessage {
+                body: body.clone(),
+                ..Default::default()
+            },
+        );
+    }
+    gw.gw().kick_user("stuck", None, "").await.unwrap();
+    // Gone from the hub, and its task ended: the node slot it held is free, within a few
+    // write timeouts (the kick and the close are writes too), not the 5 s a final write
+    // used to be allowed.
+    let freed = tokio::time::timeout(Duration::from_secs(3), async {
+        while !(gw.gw().hub.connections("stuck").is_empty() && gw.gw().limits.open() == 0) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    assert!(
+        freed.await.is_ok(),
+        "the stuck connection outlived its kick"
+    );
+    drop(ws);
 }

@@ -148,6 +148,12 @@ async fn cert_hash_and_dev_token() {
         gw.http_get(gw.http, "/dev/token?user=bad%20id").await.0,
         400
     );
+    assert_eq!(
+        gw.http_get(gw.http, "/dev/token?user=a&platform=toaster")
+            .await
+            .0,
+        400
+    );
 }
 
 #[tokio::test]
@@ -159,9 +165,80 @@ async fn dev_token_is_404_in_prod() {
         c.grpc.api_keys = vec!["k".into()];
         c.tls.terminated_upstream = true;
         c.listen.https = String::new();
+        c.upstream.mode = imgate::config::UpstreamMode::Grpc;
+        c.upstream.endpoint = "http://127.0.0.1:9".into();
+        c.state.memory_in_prod = true;
     })
     .await;
     assert_eq!(gw.http_get(gw.http, "/dev/token?user=a").await.0, 404);
+}
+
+/// Dev tokens are for the developer's own machine: a dev instance reached from another
+/// address (here through a trusted proxy) does not mint tokens for any user.
+#[tokio::test]
+async fn dev_token_answers_loopback_only() {
+    let gw = TestGateway::with(|c| c.net.trusted_proxies = vec!["127.0.0.1/32".into()]).await;
+    let get = |xff: &'static str| {
+        let addr = gw.http;
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let req = format!(
+                "GET /dev/token?user=a HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: {xff}\r\nConnection: close\r\n\r\n"
+            );
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut buf = String::new();
+            tokio::time::timeout(WAIT, s.read_to_string(&mut buf))
+                .await
+                .expect("answer in time")
+                .unwrap();
+            buf
+        }
+    };
+    let remote = get("203.0.113.7").await;
+    assert!(remote.starts_with("HTTP/1.1 403"), "{remote}");
+    assert!(!remote.contains("token\""), "{remote}");
+    let local = get("127.0.0.1").await;
+    assert!(local.starts_with("HTTP/1.1 200"), "{local}");
+}
+
+/// A gRPC API that cannot start (unreadable TLS material, or mTLS asked for without TLS,
+/// which would serve it in plaintext to anyone) stops the start instead of leaving a
+/// listener that never answers, or answers without credentials.
+#[tokio::test]
+async fn grpc_api_that_cannot_start_stops_the_start() {
+    let dir = std::env::temp_dir().join(format!("imgate-grpc-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = dir.join("ca.pem");
+    std::fs::write(
+        &ca,
+        "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+
+    let mut cfg = crate::common::test_config();
+    cfg.grpc.tls_cert = dir.join("missing.crt").display().to_string();
+    cfg.grpc.tls_key = dir.join("missing.key").display().to_string();
+    let e = imgate::gateway::start(cfg).await.err().expect("refused");
+    assert!(format!("{e:#}").contains("grpc.tls_cert"), "{e:#}");
+
+    // prod, no api keys, a client CA but no TLS: validation refuses it, and so does the
+    // start for anyone who skips validation.
+    let mut cfg = crate::common::test_config();
+    cfg.profile = imgate::config::Profile::Prod;
+    cfg.auth.jwt_secret = "a-real-secret-of-enough-length-0123456789".into();
+    cfg.tls.terminated_upstream = true;
+    cfg.listen.https = String::new();
+    cfg.listen.webtransport = String::new();
+    cfg.grpc.client_ca = ca.display().to_string();
+    assert!(cfg
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("grpc.client_ca"));
+    let e = imgate::gateway::start(cfg).await.err().expect("refused");
+    assert!(format!("{e:#}").contains("gRPC API needs"), "{e:#}");
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// Every metric the Grafana dashboard queries is one the gateway exports.
@@ -202,4 +279,41 @@ async fn dashboard_queries_exported_metrics() {
             "the dashboard queries {name}, which is not exported"
         );
     }
+}
+
+/// The metrics table in docs/operations.md lists every metric the gateway exports, and the
+/// `reason` values of every `reason` label that is exported.
+#[tokio::test]
+async fn operations_doc_lists_every_exported_metric_and_reason() {
+    let gw = TestGateway::start().await;
+    let (_, text) = gw.http_get(gw.ops, "/metrics").await;
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md"))
+        .unwrap();
+    let table: Vec<&str> = doc
+        .lines()
+        .filter(|l| l.starts_with("| `imgate_"))
+        .collect();
+    let mut exported = 0;
+    for name in text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+    {
+        exported += 1;
+        let row = table
+            .iter()
+            // The first cell names the metric (or two that share a row).
+            .find(|r| r.split('|').nth(1).unwrap().contains(&format!("`{name}`")))
+            .unwrap_or_else(|| panic!("{name} is exported but not in the metrics table"));
+        for line in text.lines().filter(|l| l.starts_with(&format!("{name}{{"))) {
+            if let Some(at) = line.find("reason=\"") {
+                let value = line[at + 8..].split('"').next().unwrap();
+                assert!(
+                    row.contains(&format!("`{value}`")),
+                    "{name}: reason {value} is not documented"
+                );
+            }
+        }
+    }
+    assert!(exported > 20, "{exported} metrics exported");
 }

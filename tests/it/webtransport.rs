@@ -255,3 +255,27 @@ async fn rotation_keeps_open_sessions() {
         .await
         .is_err());
 }
+
+/// Under load (half the handshake slots taken, here by an idle TCP connection), a new QUIC
+/// client must prove its address with a Retry before it costs a TLS handshake; a real
+/// client does so and gets its session.
+#[tokio::test]
+async fn address_validation_under_load() {
+    let gw = TestGateway::with(|c| {
+        c.limits.max_handshakes = 2;
+        c.limits.handshake_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let _busy = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    crate::common::eventually(|| gw.gw().limits.handshaking() == 1).await;
+    let mut c = gw.login(Kind::Wt, "val", "d").await;
+    assert_eq!(c.ping("after-retry").await["id"], "after-retry");
+    let text = metrics(&gw).await;
+    assert!(
+        metric(
+            &text,
+            "imgate_connections_rejected_total",
+            &[("reason", "quic_retry")]
+        ) >= 1.0
+    );
+}

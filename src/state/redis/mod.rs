@@ -596,7 +596,7 @@ impl State for RedisState {
         Ok(members)
     }
 
-    async fn revoke(&self, user: &str, at_ms: i64) -> Result<(), StateError> {
+    async fn revoke(&self, user: &str, device: Option<&str>, at_ms: i64) -> Result<(), StateError> {
         let mut c = self.conn();
         let _: i64 = self
             .run(
@@ -604,7 +604,8 @@ impl State for RedisState {
                 self.scripts
                     .revoke
                     .key(self.keys.revoked(user))
-                    .arg("")
+                    // The whole user under the empty field: device ids are never empty.
+                    .arg(device.unwrap_or(""))
                     .arg(at_ms)
                     .invoke_async(&mut c),
             )
@@ -612,16 +613,22 @@ impl State for RedisState {
         Ok(())
     }
 
-    async fn revoked_at(&self, user: &str) -> Result<Option<i64>, StateError> {
+    async fn revoked_at(&self, user: &str, device: Option<&str>) -> Result<Revocation, StateError> {
         let mut c = self.conn();
-        self.run(
-            "revoke",
-            ::redis::cmd("HGET")
-                .arg(self.keys.revoked(user))
-                .arg("")
-                .query_async(&mut c),
-        )
-        .await
+        let (user, device_at): (Option<i64>, Option<i64>) = self
+            .run(
+                "revoke",
+                ::redis::cmd("HMGET")
+                    .arg(self.keys.revoked(user))
+                    .arg("")
+                    .arg(device.unwrap_or(""))
+                    .query_async(&mut c),
+            )
+            .await?;
+        Ok(Revocation {
+            user,
+            device: device.and(device_at),
+        })
     }
 
     async fn add_presence(&self, p: &Presence) -> Result<(), StateError> {

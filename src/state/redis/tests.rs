@@ -140,7 +140,8 @@ async fn keys_carry_the_prefix_and_one_hash_tag_per_user() {
     let state = RedisState::connect(&s).await.unwrap();
     let epoch = state.append("alice", msg("m")).await.unwrap().epoch;
     state.ack("alice", Some("phone"), &epoch, 1).await.unwrap();
-    state.revoke("alice", 5).await.unwrap();
+    state.revoke("alice", None, 5).await.unwrap();
+    state.revoke("alice", Some("phone"), 7).await.unwrap();
     let mut c = state.conn();
     let mut keys: Vec<String> = ::redis::cmd("KEYS")
         .arg("*")
@@ -160,13 +161,14 @@ async fn keys_carry_the_prefix_and_one_hash_tag_per_user() {
             "tenant-a:{u:alice}:r",
         ]
     );
-    // Revocations are per device, the whole user under "" (per-device sign-out to come).
-    let r: Vec<(String, i64)> = ::redis::cmd("HGETALL")
+    // Revocations are per device, the whole user under "".
+    let mut r: Vec<(String, i64)> = ::redis::cmd("HGETALL")
         .arg("tenant-a:{u:alice}:r")
         .query_async(&mut c)
         .await
         .unwrap();
-    assert_eq!(r, vec![(String::new(), 5)]);
+    r.sort();
+    assert_eq!(r, vec![(String::new(), 5), ("phone".to_string(), 7)]);
     // Everything of the inbox expires with it.
     for k in &keys[..6] {
         let ttl: i64 = ::redis::cmd("PTTL")
