@@ -337,3 +337,30 @@ async fn the_prod_example_starts_against_a_reachable_redis() {
     assert!(redis_keys(&redis).contains(&"imgate:{i:prod-1}:alive".to_string()));
     running.drain().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_starts_while_redis_is_away_and_catches_up() {
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    redis.kill();
+    let gw = TestGateway::with(|c| {
+        c.state.backend = StateBackend::Redis;
+        c.state.redis_url = url;
+        c.state.timeout = Duration::from_millis(300);
+        c.state.presence_ttl = Duration::from_millis(900);
+    })
+    .await;
+    assert_eq!(state_up(&gw).await, 0.0);
+    let err = gw
+        .gw()
+        .delivery
+        .push_durable("u", msg("x"))
+        .await
+        .unwrap_err();
+    assert!(err.chain().contains("append"), "{}", err.chain());
+    redis.restart();
+    eventually_async(|| async { state_up(&gw).await == 1.0 }).await;
+    // Marked alive again by its upkeep: its connections show in presence.
+    let (_phone, _, _) = connect(&gw, "u", Some("phone")).await;
+    assert_eq!(gw.gw().state.routes("u").await.unwrap(), vec!["test-1"]);
+}
