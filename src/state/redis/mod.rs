@@ -7,7 +7,10 @@
 //! bounded by `state.timeout`, so a dead Redis answers UNAVAILABLE fast.
 
 mod codec;
+mod conn;
 mod keys;
+mod presence;
+mod reply;
 #[cfg(test)]
 pub mod server;
 #[cfg(test)]
@@ -16,86 +19,19 @@ mod tests;
 use std::future::Future;
 use std::time::Duration;
 
-use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use ::redis::cluster_async::ClusterConnection;
-use ::redis::{Cmd, IntoConnectionInfo, Pipeline, RedisFuture, RedisResult, Script, Value};
+use ::redis::{RedisResult, Script, Value};
 use async_trait::async_trait;
 use futures_util::stream::{self, StreamExt};
 
 use super::*;
+pub use conn::parse_urls;
+use conn::Conn;
 use keys::Keys;
+use reply::{array, entries, int, text};
 
 /// Requests in flight at once for a batch (PushToUsers, GetUserStatus): the multiplexed
 /// connection writes them back to back, so a batch costs a few round trips, not N.
 const BATCH_DEPTH: usize = 256;
-
-/// The seed URLs of `state.redis_url`: one URL for a single server, several
-/// (comma-separated) for Redis Cluster.
-pub fn parse_urls(urls: &str) -> Result<Vec<String>, String> {
-    let list: Vec<String> = urls
-        .split(',')
-        .map(|u| u.trim().to_string())
-        .filter(|u| !u.is_empty())
-        .collect();
-    if list.is_empty() {
-        return Err("required with backend = \"redis\": redis://host:port, rediss:// for TLS, comma-separated seed URLs for Redis Cluster".into());
-    }
-    for u in &list {
-        if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
-            return Err(format!(
-                "{}: redis:// or rediss:// URLs (comma-separated for a cluster)",
-                redacted(u)
-            ));
-        }
-        if let Err(e) = u.as_str().into_connection_info() {
-            return Err(format!("{}: {e}", redacted(u)));
-        }
-    }
-    Ok(list)
-}
-
-/// A URL without its password, for messages.
-fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://…@{}", &url[..s], &url[at + 1..]),
-        _ => url.to_string(),
-    }
-}
-
-/// A connection to a single server or to a cluster; cheap to clone (both multiplex).
-#[derive(Clone)]
-enum Conn {
-    Single(ConnectionManager),
-    Cluster(ClusterConnection),
-}
-
-impl ConnectionLike for Conn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
-        }
-    }
-}
 
 struct Scripts {
     append: Script,
@@ -150,109 +86,13 @@ fn ms(d: Duration) -> u64 {
     (d.as_millis() as u64).max(1)
 }
 
-/// A script's reply was not what it returns (a bug, or a foreign key under our prefix):
-/// reported as a store error rather than a panic.
-fn bad(what: &'static str) -> ::redis::RedisError {
-    ::redis::RedisError::from((
-        ::redis::ErrorKind::UnexpectedReturnType,
-        "unexpected reply",
-        what.to_string(),
-    ))
-}
-
-fn int(v: &Value) -> RedisResult<i64> {
-    match v {
-        Value::Int(i) => Ok(*i),
-        _ => Err(bad("integer")),
-    }
-}
-
-fn text(v: &Value) -> RedisResult<String> {
-    match v {
-        Value::BulkString(b) => String::from_utf8(b.clone()).map_err(|_| bad("utf-8 string")),
-        Value::SimpleString(s) => Ok(s.clone()),
-        _ => Err(bad("string")),
-    }
-}
-
-fn entries(first_seq: i64, v: &Value) -> RedisResult<Vec<StoredMessage>> {
-    let Value::Array(items) = v else {
-        return Err(bad("entries"));
-    };
-    items
-        .iter()
-        .enumerate()
-        .map(|(i, item)| match item {
-            Value::BulkString(b) => {
-                codec::decode_entry(first_seq as u64 + i as u64, b).ok_or_else(|| bad("entry"))
-            }
-            _ => Err(bad("entry")),
-        })
-        .collect()
-}
-
-fn array(v: Value, n: usize) -> RedisResult<Vec<Value>> {
-    match v {
-        Value::Array(a) if a.len() >= n => Ok(a),
-        _ => Err(bad("array")),
-    }
-}
-
 impl RedisState {
     /// Connect as `state.redis_url` says. A single server is connected lazily (the gateway
     /// starts, and reports the store down, while Redis is away); a cluster needs its slot
     /// map, so at least one seed must answer now.
     pub async fn connect(settings: &Settings) -> Result<RedisState, StateError> {
         let cfg = &settings.state;
-        let urls = parse_urls(&cfg.redis_url)
-            .map_err(|e| StateError::unavailable("connect", BadUrl(e)))?;
-        let certs = if cfg.redis_ca_file.is_empty() {
-            None
-        } else {
-            let pem = std::fs::read(&cfg.redis_ca_file)
-                .map_err(|e| StateError::unavailable("connect", e))?;
-            Some(::redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(pem),
-            })
-        };
-        let conn = if urls.len() == 1 {
-            let client = match certs {
-                Some(certs) => ::redis::Client::build_with_tls(urls[0].as_str(), certs),
-                None => ::redis::Client::open(urls[0].as_str()),
-            }
-            .map_err(|e| StateError::unavailable("connect", e))?;
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(cfg.timeout))
-                .set_response_timeout(Some(cfg.timeout))
-                // Reconnect attempts back off up to a second, and keep going: the store
-                // coming back must be noticed without a restart.
-                .set_number_of_retries(3)
-                .set_max_delay(Duration::from_secs(1));
-            Conn::Single(
-                ConnectionManager::new_lazy_with_config(client, config)
-                    .map_err(|e| StateError::unavailable("connect", e))?,
-            )
-        } else {
-            let mut builder = ::redis::cluster::ClusterClient::builder(urls)
-                .connection_timeout(cfg.timeout)
-                .response_timeout(cfg.timeout)
-                .retries(2);
-            if let Some(certs) = certs {
-                builder = builder.certs(certs);
-            }
-            let client = builder
-                .build()
-                .map_err(|e| StateError::unavailable("connect", e))?;
-            let conn = tokio::time::timeout(cfg.timeout * 5, client.get_async_connection())
-                .await
-                .map_err(|_| StateError::Timeout {
-                    op: "connect",
-                    after: cfg.timeout * 5,
-                })?
-                .map_err(|e| StateError::unavailable("connect", e))?;
-            Conn::Cluster(conn)
-        };
+        let conn = conn::open(cfg).await?;
         Ok(RedisState {
             conn,
             keys: Keys::new(&cfg.key_prefix),
@@ -290,81 +130,7 @@ impl RedisState {
     fn conn(&self) -> Conn {
         self.conn.clone()
     }
-
-    /// Keep only connections whose instance is alive (it refreshed its key within
-    /// `presence_ttl`), and forget the others' records.
-    async fn alive_only(&self, lists: &mut [Vec<Presence>]) -> RedisResult<()> {
-        let mut instances: Vec<String> =
-            lists.iter().flatten().map(|p| p.instance.clone()).collect();
-        instances.sort_unstable();
-        instances.dedup();
-        if instances.is_empty() {
-            return Ok(());
-        }
-        let lookups: Vec<_> = instances
-            .iter()
-            .map(|i| {
-                let mut c = self.conn();
-                let key = self.keys.instance_alive(i);
-                async move {
-                    ::redis::cmd("EXISTS")
-                        .arg(key)
-                        .query_async::<bool>(&mut c)
-                        .await
-                }
-            })
-            .collect();
-        let alive: Vec<bool> = stream::iter(lookups)
-            .buffered(BATCH_DEPTH)
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect::<RedisResult<_>>()?;
-        let dead: Vec<&String> = instances
-            .iter()
-            .zip(&alive)
-            .filter(|(_, a)| !**a)
-            .map(|(i, _)| i)
-            .collect();
-        if dead.is_empty() {
-            return Ok(());
-        }
-        for list in lists.iter_mut() {
-            let (gone, kept): (Vec<Presence>, Vec<Presence>) = std::mem::take(list)
-                .into_iter()
-                .partition(|p| dead.contains(&&p.instance));
-            *list = kept;
-            // Records of a dead instance that nobody removed: drop them on the way.
-            for p in gone {
-                let mut c = self.conn();
-                let _: RedisResult<i64> = ::redis::cmd("HDEL")
-                    .arg(self.keys.presence(&p.user))
-                    .arg(&p.conn)
-                    .query_async(&mut c)
-                    .await;
-            }
-        }
-        Ok(())
-    }
-
-    async fn presence_records(&self, user: &str) -> RedisResult<Vec<Presence>> {
-        let mut c = self.conn();
-        let map: Vec<(Vec<u8>, Vec<u8>)> = ::redis::cmd("HGETALL")
-            .arg(self.keys.presence(user))
-            .query_async(&mut c)
-            .await?;
-        let mut out: Vec<Presence> = map
-            .iter()
-            .filter_map(|(_, v)| codec::decode_presence(v))
-            .collect();
-        out.sort_by_key(|p| (p.connected_at_ms, p.conn.clone()));
-        Ok(out)
-    }
 }
-
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct BadUrl(String);
 
 #[async_trait]
 impl State for RedisState {
@@ -632,46 +398,11 @@ impl State for RedisState {
     }
 
     async fn add_presence(&self, p: &Presence) -> Result<(), StateError> {
-        let (mut c1, mut c2) = (self.conn(), self.conn());
-        let mut record = ::redis::cmd("HSET");
-        record
-            .arg(self.keys.presence(&p.user))
-            .arg(&p.conn)
-            .arg(codec::encode_presence(p));
-        let mut index = ::redis::cmd("SADD");
-        index
-            .arg(self.keys.instance_conns(&p.instance))
-            .arg(codec::encode_index(&p.user, &p.conn));
-        let record = record.query_async::<i64>(&mut c1);
-        let index = index.query_async::<i64>(&mut c2);
-        // Two shards in a cluster: sent together, one round trip of latency.
-        self.run("presence", async {
-            let (a, b) = futures_util::future::join(record, index).await;
-            a.and(b).map(|_| ())
-        })
-        .await
+        self.add_connection(p).await
     }
 
     async fn remove_presence(&self, user: &str, conn: &str) -> Result<(), StateError> {
-        let mut c = self.conn();
-        self.run("presence", async {
-            let record: Option<Vec<u8>> = self
-                .scripts
-                .presence_remove
-                .key(self.keys.presence(user))
-                .arg(conn)
-                .invoke_async(&mut c)
-                .await?;
-            if let Some(p) = record.as_deref().and_then(codec::decode_presence) {
-                let _: i64 = ::redis::cmd("SREM")
-                    .arg(self.keys.instance_conns(&p.instance))
-                    .arg(codec::encode_index(user, conn))
-                    .query_async(&mut c)
-                    .await?;
-            }
-            Ok(())
-        })
-        .await
+        self.remove_connection(user, conn).await
     }
 
     async fn presence(&self, user: &str) -> Result<Vec<Presence>, StateError> {
@@ -683,18 +414,7 @@ impl State for RedisState {
     }
 
     async fn presence_many(&self, users: &[String]) -> Result<Vec<Vec<Presence>>, StateError> {
-        self.run("presence", async {
-            let reads: Vec<_> = users.iter().map(|u| self.presence_records(u)).collect();
-            let mut lists: Vec<Vec<Presence>> = stream::iter(reads)
-                .buffered(BATCH_DEPTH)
-                .collect::<Vec<_>>()
-                .await
-                .into_iter()
-                .collect::<RedisResult<_>>()?;
-            self.alive_only(&mut lists).await?;
-            Ok(lists)
-        })
-        .await
+        self.connections_of(users).await
     }
 
     async fn routes(&self, user: &str) -> Result<Vec<String>, StateError> {
@@ -710,68 +430,7 @@ impl State for RedisState {
     }
 
     async fn remove_instance(&self, instance: &str) -> Result<usize, StateError> {
-        let index = self.keys.instance_conns(instance);
-        let mut c = self.conn();
-        let mut removed = 0;
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, members): (u64, Vec<Vec<u8>>) = self
-                .run(
-                    "presence",
-                    ::redis::cmd("SSCAN")
-                        .arg(&index)
-                        .arg(cursor)
-                        .arg("COUNT")
-                        .arg(1000)
-                        .query_async(&mut c),
-                )
-                .await?;
-            let removals: Vec<_> = members
-                .iter()
-                .filter_map(|m| codec::decode_index(m))
-                .map(|(user, conn)| {
-                    let mut c = self.conn();
-                    let key = self.keys.presence(&user);
-                    async move {
-                        ::redis::cmd("HDEL")
-                            .arg(key)
-                            .arg(conn)
-                            .query_async::<i64>(&mut c)
-                            .await
-                    }
-                })
-                .collect();
-            let gone: Vec<i64> = self
-                .run("presence", async {
-                    stream::iter(removals)
-                        .buffered(BATCH_DEPTH)
-                        .collect::<Vec<_>>()
-                        .await
-                        .into_iter()
-                        .collect::<RedisResult<Vec<i64>>>()
-                })
-                .await?;
-            removed += gone.iter().sum::<i64>() as usize;
-            cursor = next;
-            if cursor == 0 {
-                break;
-            }
-        }
-        let _: i64 = self
-            .run(
-                "presence",
-                ::redis::cmd("DEL").arg(&index).query_async(&mut c),
-            )
-            .await?;
-        let _: i64 = self
-            .run(
-                "presence",
-                ::redis::cmd("DEL")
-                    .arg(self.keys.instance_alive(instance))
-                    .query_async(&mut c),
-            )
-            .await?;
-        Ok(removed)
+        self.forget_instance(instance).await
     }
 
     async fn ping(&self) -> Result<(), StateError> {
@@ -783,18 +442,6 @@ impl State for RedisState {
     }
 
     async fn maintain(&self, instance: &str) -> Result<(), StateError> {
-        let mut c = self.conn();
-        let _: () = self
-            .run(
-                "maintain",
-                ::redis::cmd("SET")
-                    .arg(self.keys.instance_alive(instance))
-                    .arg(1)
-                    .arg("PX")
-                    .arg(self.presence_ttl_ms)
-                    .query_async(&mut c),
-            )
-            .await?;
-        Ok(())
+        self.mark_alive(instance).await
     }
 }
