@@ -149,6 +149,9 @@ pub struct AuthConfig {
     pub audience: String,
     #[serde(with = "duration")]
     pub leeway: Duration,
+    /// Tokens whose `exp - iat` is longer are refused; revocations are remembered this long.
+    #[serde(with = "duration")]
+    pub max_token_lifetime: Duration,
     /// How long an unauthenticated session may wait for its `auth` frame.
     #[serde(with = "duration")]
     pub auth_timeout: Duration,
@@ -368,6 +371,7 @@ impl Default for AuthConfig {
             issuer: String::new(),
             audience: String::new(),
             leeway: Duration::from_secs(30),
+            max_token_lifetime: Duration::from_secs(30 * 24 * 3600),
             auth_timeout: Duration::from_secs(10),
             cache_ttl: Duration::from_secs(300),
             negative_ttl: Duration::from_secs(10),
@@ -663,6 +667,7 @@ impl Config {
             ("sessions.heartbeat", self.sessions.heartbeat),
             ("sessions.idle_timeout", self.sessions.idle_timeout),
             ("auth.auth_timeout", self.auth.auth_timeout),
+            ("auth.max_token_lifetime", self.auth.max_token_lifetime),
             ("limits.handshake_timeout", self.limits.handshake_timeout),
             ("limits.write_timeout", self.limits.write_timeout),
             ("upstream.timeout", self.upstream.timeout),

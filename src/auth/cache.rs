@@ -1,7 +1,11 @@
 //! The token cache: bounded; a valid result lives until min(ttl, exp), an invalid one for
 //! `negative_ttl`. Keys are SHA-256 digests of the token, never the token itself.
+//!
+//! Valid and invalid results are kept apart, each bounded and evicted oldest first in O(1):
+//! a flood of distinct bad tokens churns only the invalid side and never evicts a valid entry
+//! (which, in `auth.mode = "grpc"`, would turn into a remote call) nor scans under the lock.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -21,8 +25,44 @@ struct Entry {
     expires: Instant,
 }
 
+/// One side (valid or invalid results) of a shard: a map and its insertion order.
+#[derive(Default)]
+struct Side {
+    map: HashMap<Key, Entry>,
+    order: VecDeque<Key>,
+}
+
+impl Side {
+    fn insert(&mut self, k: Key, e: Entry, cap: usize) {
+        if self.map.insert(k, e).is_none() {
+            self.order.push_back(k);
+        }
+        // Oldest first. `order` may name keys already removed (expired, evicted by user):
+        // those are skipped, and each key is pushed once per insertion, so this is O(1)
+        // amortised.
+        while self.map.len() > cap {
+            match self.order.pop_front() {
+                Some(old) => {
+                    self.map.remove(&old);
+                }
+                None => break,
+            }
+        }
+        if self.order.len() > cap.saturating_mul(2) {
+            let map = &self.map;
+            self.order.retain(|k| map.contains_key(k));
+        }
+    }
+}
+
+#[derive(Default)]
+struct Shard {
+    valid: Side,
+    invalid: Side,
+}
+
 pub struct TokenCache {
-    shards: Vec<Mutex<HashMap<Key, Entry>>>,
+    shards: Vec<Mutex<Shard>>,
     per_shard: usize,
     ttl: Duration,
     negative_ttl: Duration,
@@ -35,36 +75,36 @@ pub fn key(token: &str) -> Key {
 impl TokenCache {
     pub fn new(max_entries: usize, ttl: Duration, negative_ttl: Duration) -> TokenCache {
         TokenCache {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             per_shard: max_entries.div_ceil(SHARDS).max(1),
             ttl,
             negative_ttl,
         }
     }
 
-    fn shard(&self, k: &Key) -> &Mutex<HashMap<Key, Entry>> {
+    fn shard(&self, k: &Key) -> &Mutex<Shard> {
         &self.shards[k[0] as usize % SHARDS]
     }
 
     /// A cached result that has not expired; counts hit, negative or miss.
     pub fn get(&self, k: &Key) -> Option<Result<Identity, AuthError>> {
         let now = Instant::now();
-        let mut shard = self.shard(k).lock();
-        match shard.get(k) {
-            Some(e) if e.expires > now => {
-                metrics::token_cache(if e.result.is_ok() { "hit" } else { "negative" });
-                Some(e.result.clone())
-            }
-            Some(_) => {
-                shard.remove(k);
-                metrics::token_cache("miss");
-                None
-            }
-            None => {
-                metrics::token_cache("miss");
-                None
+        let mut guard = self.shard(k).lock();
+        let shard = &mut *guard;
+        for side in [&mut shard.valid, &mut shard.invalid] {
+            match side.map.get(k) {
+                Some(e) if e.expires > now => {
+                    metrics::token_cache(if e.result.is_ok() { "hit" } else { "negative" });
+                    return Some(e.result.clone());
+                }
+                Some(_) => {
+                    side.map.remove(k);
+                }
+                None => {}
             }
         }
+        metrics::token_cache("miss");
+        None
     }
 
     /// Remember a verification result. Outages are never cached.
@@ -82,28 +122,25 @@ impl TokenCache {
         if ttl.is_zero() {
             return;
         }
+        let entry = Entry {
+            result: result.clone(),
+            expires: now + ttl,
+        };
         let mut shard = self.shard(&k).lock();
-        if shard.len() >= self.per_shard && !shard.contains_key(&k) {
-            shard.retain(|_, e| e.expires > now);
-            if shard.len() >= self.per_shard {
-                // Still full of live entries: make room by dropping an arbitrary one.
-                if let Some(victim) = shard.keys().next().copied() {
-                    shard.remove(&victim);
-                }
-            }
+        if result.is_ok() {
+            shard.invalid.map.remove(&k);
+            shard.valid.insert(k, entry, self.per_shard);
+        } else {
+            shard.valid.map.remove(&k);
+            shard.invalid.insert(k, entry, self.per_shard);
         }
-        shard.insert(
-            k,
-            Entry {
-                result: result.clone(),
-                expires: now + ttl,
-            },
-        );
     }
 
     /// Forget one entry.
     pub fn remove(&self, k: &Key) {
-        self.shard(k).lock().remove(k);
+        let mut shard = self.shard(k).lock();
+        shard.valid.map.remove(k);
+        shard.invalid.map.remove(k);
     }
 
     /// Drop the valid entries of `user` (of its device `device` only, when given); returns
@@ -111,7 +148,7 @@ impl TokenCache {
     pub fn evict(&self, user: &str, device: Option<&str>) -> u32 {
         let mut n = 0;
         for shard in &self.shards {
-            shard.lock().retain(|_, e| {
+            shard.lock().valid.map.retain(|_, e| {
                 let keep = !matches!(&e.result, Ok(id) if id.user == user
                     && device.is_none_or(|d| id.device.as_deref() == Some(d)));
                 if !keep {
@@ -124,7 +161,13 @@ impl TokenCache {
     }
 
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().len()).sum()
+        self.shards
+            .iter()
+            .map(|s| {
+                let s = s.lock();
+                s.valid.map.len() + s.invalid.map.len()
+            })
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -190,11 +233,32 @@ mod tests {
         let before = c.len();
         let evicted = c.evict("even", None);
         assert_eq!(c.len(), before - evicted as usize);
-        assert!(c.shards.iter().all(|s| s.lock().values().all(|e| e
-            .result
-            .as_ref()
-            .unwrap()
-            .user
-            == "odd")));
+        assert!(c
+            .shards
+            .iter()
+            .all(|s| s
+                .lock()
+                .valid
+                .map
+                .values()
+                .all(|e| e.result.as_ref().unwrap().user == "odd")));
+    }
+
+    /// Review F11: a flood of distinct bad tokens never evicts a valid entry.
+    #[test]
+    fn bad_tokens_do_not_evict_valid_ones() {
+        let c = TokenCache::new(64, Duration::from_secs(60), Duration::from_secs(5));
+        let good: Vec<Key> = (0..32).map(|i| key(&format!("good-{i}"))).collect();
+        for k in &good {
+            c.put(*k, &Ok(id("u", 3_600_000)));
+        }
+        for i in 0..100_000 {
+            c.put(
+                key(&format!("junk-{i}")),
+                &Err(AuthError::Invalid("x".into())),
+            );
+        }
+        assert!(good.iter().all(|k| c.get(k).is_some_and(|r| r.is_ok())));
+        assert!(c.len() <= 2 * 64 + SHARDS, "{}", c.len());
     }
 }

@@ -160,27 +160,29 @@ fn canonical(ip: IpAddr) -> IpAddr {
 
 /// The client's address: the peer, or, when the peer is a trusted proxy, the rightmost
 /// untrusted address of `X-Forwarded-For` (entries left of it could be forged by the client).
+/// The chain is read right to left and only as far as it can be believed: an entry that does
+/// not parse (a client can write anything left of its real address; some proxies write
+/// `unknown`) ends the walk, and never turns the answer into the proxy's own address when a
+/// believable client address was already found.
 pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &TrustedProxies) -> IpAddr {
     let peer = canonical(peer);
     if !trusted.contains(peer) {
         return peer;
     }
-    let mut chain: Vec<IpAddr> = Vec::new();
+    let mut chain: Vec<Option<IpAddr>> = Vec::new();
     for v in headers.get_all("x-forwarded-for") {
-        let Ok(v) = v.to_str() else { return peer };
-        for part in v.split(',') {
-            match part.trim().parse::<IpAddr>() {
-                Ok(ip) => chain.push(canonical(ip)),
-                Err(_) => return peer,
-            }
+        match v.to_str() {
+            Ok(v) => chain.extend(v.split(',').map(|p| p.trim().parse().ok().map(canonical))),
+            Err(_) => chain.push(None),
         }
     }
     let mut last = peer;
     for ip in chain.into_iter().rev() {
-        if !trusted.contains(ip) {
-            return ip;
+        match ip {
+            Some(ip) if trusted.contains(ip) => last = ip,
+            Some(ip) => return ip,
+            None => break,
         }
-        last = ip;
     }
     last
 }
@@ -329,6 +331,27 @@ mod tests {
             peer
         );
         assert_eq!(client_ip(peer, &HeaderMap::new(), &lb), peer);
+        // Review F14: junk a client wrote left of its real address (or a proxy's `unknown`)
+        // does not put it in the proxy's bucket.
+        for junk in [
+            "unknown, 2.2.2.2",
+            "garbage, 2.2.2.2, 10.0.0.7",
+            "x,,2.2.2.2",
+        ] {
+            assert_eq!(
+                client_ip(peer, &headers(&[("x-forwarded-for", junk)]), &lb),
+                "2.2.2.2".parse::<IpAddr>().unwrap(),
+                "{junk}"
+            );
+        }
+        let two = headers(&[
+            ("x-forwarded-for", "9.9.9.9, nonsense"),
+            ("x-forwarded-for", "3.3.3.3"),
+        ]);
+        assert_eq!(
+            client_ip(peer, &two, &lb),
+            "3.3.3.3".parse::<IpAddr>().unwrap()
+        );
         let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
         assert_eq!(
             client_ip(mapped, &xff, &lb),

@@ -40,6 +40,9 @@ pub struct JwtVerifier {
     issuer: Option<String>,
     audience: Option<String>,
     leeway: u64,
+    /// `auth.max_token_lifetime` in seconds: longer-lived tokens are refused, which is what
+    /// lets a revocation be forgotten after that long (review F13).
+    max_lifetime: i64,
 }
 
 fn algorithm(name: &str) -> anyhow::Result<Algorithm> {
@@ -70,6 +73,7 @@ impl JwtVerifier {
             issuer: (!cfg.issuer.is_empty()).then(|| cfg.issuer.clone()),
             audience: (!cfg.audience.is_empty()).then(|| cfg.audience.clone()),
             leeway: cfg.leeway.as_secs(),
+            max_lifetime: i64::try_from(cfg.max_token_lifetime.as_secs()).unwrap_or(i64::MAX),
         };
         for path in &cfg.jwt_public_keys {
             let pem = std::fs::read(path)
@@ -202,6 +206,11 @@ impl Verifier for JwtVerifier {
         if c.iat > crate::now_ms() / 1000 + self.leeway as i64 {
             return Err(AuthError::Invalid("`iat` is in the future".into()));
         }
+        if c.exp.saturating_sub(c.iat) > self.max_lifetime {
+            return Err(AuthError::Invalid(
+                "the token lives longer than auth.max_token_lifetime".into(),
+            ));
+        }
         Ok(Identity {
             user: c.sub,
             device: c.did,
@@ -317,6 +326,15 @@ mod tests {
             verify(&v, &hs(json!({"sub":"a","iat":n-100,"exp":n-10}))).await,
             Err(AuthError::Expired)
         );
+        // Longer-lived than auth.max_token_lifetime (30 d): refused, so that a revocation
+        // can be forgotten after that long.
+        let month = 30 * 24 * 3600;
+        assert!(verify(&v, &hs(json!({"sub":"a","iat":n,"exp":n+month})))
+            .await
+            .is_ok());
+        assert!(verify(&v, &hs(json!({"sub":"a","iat":n,"exp":n+month+1})))
+            .await
+            .is_err());
         // Within the leeway: still valid.
         assert!(verify(&v, &hs(json!({"sub":"a","iat":n-100,"exp":n-2})))
             .await

@@ -5,7 +5,7 @@ pub mod cache;
 pub mod handshake;
 pub mod jwt;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -99,7 +99,9 @@ pub struct Authenticator {
     verifier: Arc<dyn Verifier>,
     cache: cache::TokenCache,
     /// user → the latest revocations. Tokens issued at or before them are refused.
-    revoked: Mutex<HashMap<String, Revocations>>,
+    revoked: Mutex<Revoked>,
+    /// How long a revocation is remembered: the longest lifetime of a token accepted.
+    memory_ms: i64,
     /// `auth.leeway` in ms: clock skew tolerated on `exp` (JWTs also get it on `nbf` and
     /// `iat`, in the verifier).
     leeway_ms: i64,
@@ -112,20 +114,37 @@ struct Revocations {
     devices: HashMap<String, i64>,
 }
 
-impl Revocations {
-    fn latest(&self) -> i64 {
-        self.devices
-            .values()
-            .copied()
-            .chain(self.user)
-            .max()
-            .unwrap_or(i64::MIN)
-    }
+/// Every user's revocations, and the order they were recorded in, so that forgetting the
+/// ones older than the memory is amortised O(1) per revocation instead of a scan of the whole
+/// map under the lock that every authentication takes (review F13).
+#[derive(Default)]
+struct Revoked {
+    users: HashMap<String, Revocations>,
+    order: VecDeque<(i64, String)>,
 }
 
-/// Revocations older than this are forgotten: no token we accept lives that long after its
-/// `iat` without being refreshed (a refreshed token has a newer `iat`).
-const REVOCATION_MEMORY_MS: i64 = 30 * 24 * 3600 * 1000;
+impl Revoked {
+    /// Forget what is older than `memory_ms`: no token accepted lives that long after its
+    /// `iat` (`auth.max_token_lifetime`; a refreshed token has a newer `iat`).
+    fn prune(&mut self, now: i64, memory_ms: i64) {
+        while let Some((at, _)) = self.order.front() {
+            if now.saturating_sub(*at) < memory_ms {
+                break;
+            }
+            let Some((_, user)) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(r) = self.users.get_mut(&user) {
+                let fresh = |t: &i64| now.saturating_sub(*t) < memory_ms;
+                r.devices.retain(|_, t| fresh(t));
+                r.user = r.user.filter(fresh);
+                if r.user.is_none() && r.devices.is_empty() {
+                    self.users.remove(&user);
+                }
+            }
+        }
+    }
+}
 
 /// Device revocations kept per user; beyond it the oldest one is folded into the user-wide
 /// time. That errs on the safe side: it also refuses other devices' tokens issued before
@@ -150,7 +169,10 @@ impl Authenticator {
         Authenticator {
             verifier,
             cache: cache::TokenCache::new(cfg.cache_max_entries, cfg.cache_ttl, cfg.negative_ttl),
-            revoked: Mutex::new(HashMap::new()),
+            revoked: Mutex::new(Revoked::default()),
+            memory_ms: i64::try_from(cfg.max_token_lifetime.as_millis())
+                .unwrap_or(i64::MAX)
+                .saturating_add(i64::try_from(cfg.leeway.as_millis()).unwrap_or(0)),
             leeway_ms: i64::try_from(cfg.leeway.as_millis()).unwrap_or(i64::MAX),
         }
     }
@@ -208,16 +230,10 @@ impl Authenticator {
 
     /// Record a revocation learned from elsewhere (another instance, the state store).
     pub fn set_revoked(&self, user: &str, device: Option<&str>, at_ms: i64) {
-        let mut map = self.revoked.lock();
-        let now = crate::now_ms();
-        if map.len() > 10_000 {
-            map.retain(|_, r| {
-                r.devices.retain(|_, t| now - *t < REVOCATION_MEMORY_MS);
-                r.user = r.user.filter(|t| now - *t < REVOCATION_MEMORY_MS);
-                now - r.latest() < REVOCATION_MEMORY_MS
-            });
-        }
-        let r = map.entry(user.to_string()).or_default();
+        let mut revoked = self.revoked.lock();
+        revoked.prune(crate::now_ms(), self.memory_ms);
+        revoked.order.push_back((at_ms, user.to_string()));
+        let r = revoked.users.entry(user.to_string()).or_default();
         let at = match device {
             None => r.user.get_or_insert(at_ms),
             Some(d) => {
@@ -241,8 +257,8 @@ impl Authenticator {
     /// Is this (already verified) identity revoked now? A token without `did` falls only to
     /// a user-wide revocation.
     pub fn is_revoked(&self, id: &Identity) -> bool {
-        let map = self.revoked.lock();
-        let Some(r) = map.get(&id.user) else {
+        let revoked = self.revoked.lock();
+        let Some(r) = revoked.users.get(&id.user) else {
             return false;
         };
         let device = id.device.as_deref().and_then(|d| r.devices.get(d).copied());
@@ -326,12 +342,13 @@ mod tests {
     #[test]
     fn device_revocations_are_bounded_and_never_forgotten() {
         let a = auth();
-        let base = 1_000_000_000_000;
+        // Recent: revocations older than auth.max_token_lifetime are forgotten.
+        let base = crate::now_ms() - 1_000_000;
         for i in 0..=DEVICE_REVOCATIONS_PER_USER as i64 {
             a.revoke("kim", Some(&format!("d{i}")), base + i * 1000);
         }
         let r = a.revoked.lock();
-        assert_eq!(r["kim"].devices.len(), DEVICE_REVOCATIONS_PER_USER);
+        assert_eq!(r.users["kim"].devices.len(), DEVICE_REVOCATIONS_PER_USER);
         drop(r);
         // The oldest device's revocation became user-wide: its tokens stay refused, and so
         // are other devices' tokens from before it (the safe side).
@@ -393,5 +410,22 @@ mod tests {
             ));
         }
         assert_eq!(a.cache.len(), 1);
+    }
+
+    /// Review F13: revocations older than the memory are forgotten in the order they came,
+    /// without a scan of every user; a newer one of the same user is kept.
+    #[test]
+    fn old_revocations_are_forgotten_in_order() {
+        let mut r = Revoked::default();
+        let day = 24 * 3600 * 1000;
+        for (at, user) in [(0, "a"), (day, "b"), (2 * day, "a")] {
+            r.order.push_back((at, user.to_string()));
+            r.users.entry(user.to_string()).or_default().user = Some(at);
+        }
+        r.prune(day + day / 2, day);
+        assert_eq!(r.users.len(), 2, "a's newer revocation and b's are kept");
+        assert_eq!(r.order.len(), 2);
+        r.prune(3 * day, day);
+        assert!(r.users.is_empty() && r.order.is_empty());
     }
 }

@@ -116,7 +116,13 @@ struct Conn<S> {
     upstream: Option<UpstreamWorker>,
     /// Set while the connection is recorded in presence.
     presence: Option<Arc<ConnInfo>>,
+    /// After a refused refresh, further refreshes are not checked until then (review F11:
+    /// each check of a bogus signature costs CPU).
+    reauth_after: Option<Instant>,
 }
+
+/// How long a connection waits after a refused refresh before its next one is checked.
+const REAUTH_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Sends in flight to the business backend per connection; more get `upstream_unavailable`.
 const SENDS_IN_FLIGHT: usize = 32;
@@ -196,6 +202,7 @@ impl<S: Session> Conn<S> {
             control: None,
             upstream: None,
             presence: None,
+            reauth_after: None,
             session,
             gw,
         }
@@ -753,7 +760,19 @@ impl<S: Session> Conn<S> {
     /// Refresh in place: same user, new expiry. A failure is reported and the session lives
     /// on until the old token expires.
     async fn reauth(&mut self, token: &str, identity: &Identity) {
-        match self.gw.auth.authenticate(token).await {
+        if self.reauth_after.is_some_and(|t| Instant::now() < t) {
+            self.queue(ServerFrame::Error {
+                code: "reauth_failed".into(),
+                message: "a refresh was refused less than 10 s ago: retry later".into(),
+                id: None,
+            });
+            return;
+        }
+        let checked = self.gw.auth.authenticate(token).await;
+        if !matches!(&checked, Ok(new) if new.user == identity.user) {
+            self.reauth_after = Some(Instant::now() + REAUTH_BACKOFF);
+        }
+        match checked {
             Ok(new) if new.user == identity.user => {
                 self.arm_expiry(self.gw.auth.session_deadline_ms(&new));
                 self.queue(ServerFrame::Reauth {

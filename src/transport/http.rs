@@ -411,7 +411,12 @@ async fn upgrade(
             // Non-browser clients can read a refused handshake: they get 401. Browsers
             // cannot, so a subprotocol or query token is refused with `kick` after the upgrade.
             if source == TokenSource::Header && result.is_err() {
-                return reject("unauthorized", StatusCode::UNAUTHORIZED, "invalid token\n");
+                // And close the connection (review F11): a client retrying bad tokens pays
+                // a new connection, counted per IP, for each.
+                let mut r = reject("unauthorized", StatusCode::UNAUTHORIZED, "invalid token\n");
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return r;
             }
             Some(result)
         }
@@ -433,6 +438,9 @@ async fn upgrade(
     let on_upgrade = hyper::upgrade::on(&mut req);
     let text = params.codec == Codec::Json;
     let max_frame = gw.cfg.limits.max_frame;
+    // A binary body grows by a third in base64, a text one by its escapes: twice the body
+    // and room for the envelope bounds any push frame.
+    let max_out = gw.cfg.limits.max_push_body.saturating_mul(2) + 16 * 1024;
     // Boxed until the upgrade completes, so the waiting task stays small.
     let adm = Box::new(Admission {
         params,
@@ -443,9 +451,14 @@ async fn upgrade(
     gw.sessions.clone().spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
-                let ws =
-                    WsSession::from_upgraded(TokioIo::new(upgraded), transport, text, max_frame)
-                        .await;
+                let ws = WsSession::from_upgraded(
+                    TokioIo::new(upgraded),
+                    transport,
+                    text,
+                    max_frame,
+                    max_out,
+                )
+                .await;
                 session::run(gw, ws, *adm).await;
             }
             Err(e) => debug!(error = %e, "upgrade failed"),

@@ -33,11 +33,16 @@ const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// Small buffers: tungstenite's 128 KiB defaults cost ~90 KB per idle connection. The read
 /// buffer starts at 512 bytes and grows only while a larger frame is in flight.
-pub fn config(max_frame: usize) -> WebSocketConfig {
+///
+/// `max_frame` bounds what a client may send; `max_out` is the largest frame the gateway may
+/// write (a push of `limits.max_push_body`, encoded), which the write buffer's cap must fit
+/// with room for a batch behind it: a frame over the cap fails the whole connection, on every
+/// reconnect (review F18). The cap is a limit, not an allocation.
+pub fn config(max_frame: usize, max_out: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(512)
         .write_buffer_size(8 * 1024)
-        .max_write_buffer_size(max_frame.max(64 * 1024) * 4)
+        .max_write_buffer_size(max_frame.max(max_out).max(64 * 1024) * 4)
         .max_message_size(Some(max_frame))
         .max_frame_size(Some(max_frame))
 }
@@ -54,8 +59,15 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     /// Wrap an upgraded stream (the HTTP handshake is done).
-    pub async fn from_upgraded(io: S, transport: Transport, text: bool, max_frame: usize) -> Self {
-        let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config(max_frame))).await;
+    pub async fn from_upgraded(
+        io: S,
+        transport: Transport,
+        text: bool,
+        max_frame: usize,
+        max_out: usize,
+    ) -> Self {
+        let config = config(max_frame, max_out);
+        let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
         WsSession {
             ws,
             transport,

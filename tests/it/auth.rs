@@ -153,6 +153,24 @@ over_transports!(refresh_in_place, |kind: Kind| async move {
     assert_eq!(c.ping("still").await["id"], "still");
 });
 
+// Review F11: after a refused refresh the next ones are not checked for a while (each check
+// of a forged signature costs CPU), even with a good token; the session lives on.
+over_transports!(refused_refreshes_back_off, |kind: Kind| async move {
+    let gw = TestGateway::start().await;
+    let mut c = gw.login(kind, "hal", "d1").await;
+    c.send(json!({"type": "auth", "token": "forged"})).await;
+    assert_eq!(c.expect("error").await["code"], "reauth_failed");
+    let good = token("hal", None, None, Duration::from_secs(7200));
+    c.send(json!({"type": "auth", "token": good})).await;
+    let e = c.expect("error").await;
+    assert_eq!(e["code"], "reauth_failed");
+    assert!(
+        e["message"].as_str().unwrap().contains("retry later"),
+        "{e}"
+    );
+    assert_eq!(c.ping("still").await["id"], "still");
+});
+
 over_transports!(
     token_expiry_closes_4501_after_the_leeway,
     |kind: Kind| async move {

@@ -551,3 +551,49 @@ async fn a_client_that_stops_reading_cannot_outlive_a_kick() {
     );
     drop(ws);
 }
+
+/// Review F18: a push as large as `limits.max_push_body` allows reaches a json WebSocket
+/// client (a binary body grows by a third in base64), however small `limits.max_frame`
+/// (which bounds what clients send) is; it used to be dropped with 1006 on every reconnect.
+#[tokio::test]
+async fn the_largest_push_reaches_a_json_client() {
+    let gw = TestGateway::with(|c| c.limits.max_push_body = 512 * 1024).await;
+    let mut c = gw.login(Kind::Ws, "big", "d").await;
+    let body: Vec<u8> = (0..400 * 1024).map(|i| (i % 251) as u8).collect();
+    let out = gw
+        .gw()
+        .delivery
+        .push_durable(
+            "big",
+            imgate::delivery::OutMessage {
+                body: body.into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let p = c.expect("push").await;
+    assert_eq!(p["seq"].as_u64(), Some(out.seq));
+    assert_eq!(c.ping("after").await["id"], "after");
+}
+
+/// Review F11: a refused header token closes the connection after its 401, so a client that
+/// loops over bad tokens pays a new connection (counted per IP) for each.
+#[tokio::test]
+async fn a_401_closes_the_connection() {
+    let gw = TestGateway::with(|c| c.limits.handshake_timeout = Duration::from_secs(60)).await;
+    let mut s = TcpStream::connect(gw.http).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+          Authorization: Bearer forged.token.here\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut got))
+        .await
+        .expect("closed after the answer")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 401"));
+}
