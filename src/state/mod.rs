@@ -55,12 +55,15 @@ impl StateError {
     }
 }
 
-/// What a backend is built from: the `[state]` section, plus `sessions.max_devices`, which
-/// the store enforces.
+/// What a backend is built from: the `[state]` section, plus what other sections say the
+/// store enforces (`sessions.max_devices`, how long a revocation matters).
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub state: StateConfig,
     pub max_devices: usize,
+    /// How long a revocation matters: no accepted token lives longer
+    /// (`auth.max_token_lifetime` plus the leeway).
+    pub revocation_ttl: Duration,
 }
 
 impl Settings {
@@ -68,6 +71,7 @@ impl Settings {
         Settings {
             state: cfg.state.clone(),
             max_devices: cfg.sessions.max_devices,
+            revocation_ttl: cfg.auth.max_token_lifetime + cfg.auth.leeway,
         }
     }
 }

@@ -73,6 +73,7 @@ pub struct RedisState {
     ttl_ms: u64,
     window_ms: u64,
     presence_ttl_ms: u64,
+    revocation_ttl_ms: u64,
     max_devices: usize,
     timeout: Duration,
 }
@@ -101,6 +102,7 @@ impl RedisState {
             ttl_ms: ms(cfg.inbox_ttl),
             window_ms: ms(cfg.dedupe_window),
             presence_ttl_ms: ms(cfg.presence_ttl),
+            revocation_ttl_ms: ms(settings.revocation_ttl),
             max_devices: settings.max_devices.max(1),
             timeout: cfg.timeout,
         })
@@ -373,6 +375,7 @@ impl State for RedisState {
                     // The whole user under the empty field: device ids are never empty.
                     .arg(device.unwrap_or(""))
                     .arg(at_ms)
+                    .arg(self.revocation_ttl_ms)
                     .invoke_async(&mut c),
             )
             .await?;

@@ -169,6 +169,17 @@ async fn keys_carry_the_prefix_and_one_hash_tag_per_user() {
         .unwrap();
     r.sort();
     assert_eq!(r, vec![(String::new(), 5), ("phone".to_string(), 7)]);
+    // Revocations are forgotten once no token they refuse can still be valid.
+    let ttl: i64 = ::redis::cmd("PTTL")
+        .arg("tenant-a:{u:alice}:r")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let lifetime = (s.revocation_ttl.as_millis()) as i64;
+    assert!(
+        ttl > lifetime - 60_000 && ttl <= lifetime,
+        "{ttl} vs {lifetime}"
+    );
     // Everything of the inbox expires with it.
     for k in &keys[..6] {
         let ttl: i64 = ::redis::cmd("PTTL")
