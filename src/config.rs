@@ -684,6 +684,14 @@ impl Config {
                 "must be longer than sessions.heartbeat",
             ));
         }
+        if self.shutdown.drain_window >= self.shutdown.timeout {
+            // The last kicks would go out at the deadline, and the process exit before
+            // they are written.
+            return Err(invalid(
+                "shutdown.drain_window",
+                "must be shorter than shutdown.timeout",
+            ));
+        }
         if self.quic.max_streams < 2 {
             return Err(invalid(
                 "quic.max_streams",
@@ -1040,6 +1048,13 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("state.key_prefix"));
+        let mut c = Config::default();
+        c.shutdown.drain_window = c.shutdown.timeout;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("shutdown.drain_window"));
         let mut c = Config::default();
         c.net.trusted_proxies = vec!["10.0.0.0/33".into()];
         assert!(c

@@ -68,7 +68,14 @@ impl CertIdentity {
         let (not_before, not_after) = validity(leaf)?;
         let signing = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key)
             .map_err(|e| anyhow!("unsupported private key: {e}"))?;
-        let certified = Arc::new(CertifiedKey::new(chain.clone(), signing));
+        let certified = CertifiedKey::new(chain.clone(), signing);
+        // A certificate and a key that do not belong together (a cert manager that wrote one
+        // file before the other) would fail every handshake: refuse the pair, keep serving
+        // the previous one (review F19).
+        certified
+            .keys_match()
+            .map_err(|e| anyhow!("the private key does not match the certificate: {e}"))?;
+        let certified = Arc::new(certified);
         Ok(CertIdentity {
             chain,
             key_pem,
@@ -560,6 +567,14 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("/nonexistent/cert.pem"));
+        // A certificate with another pair's key (a cert manager caught half-way) is refused.
+        let other = dir.join("other");
+        let (_, other_key) = write_dev_cert(&other).unwrap();
+        let err = CertIdentity::load_pem(c.to_str().unwrap(), other_key.to_str().unwrap())
+            .err()
+            .expect("a mismatched pair is refused");
+        let err = format!("{err:#}");
+        assert!(err.contains("does not match"), "{err}");
         std::fs::remove_dir_all(dir).ok();
     }
 }

@@ -241,7 +241,12 @@ impl<S: Session> Conn<S> {
         }
         let deadline = Instant::now() + self.gw.cfg.auth.auth_timeout;
         loop {
-            self.flush().await?;
+            // Pongs to a client that does not read must not hold its unauthenticated slot
+            // past the auth deadline (review F19).
+            match tokio::time::timeout_at(deadline, self.flush()).await {
+                Ok(r) => r?,
+                Err(_) => return Err(End::Gone(false)),
+            }
             let inbound = tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => {
                     return Err(End::Kick(CloseCode::Timeout, "no auth frame in time".into()));
@@ -620,7 +625,15 @@ impl<S: Session> Conn<S> {
         let t = self.transport.as_str();
         let data = match inbound {
             None => return Err(End::Gone(true)),
-            Some(Inbound::Alive) => return Ok(None),
+            Some(Inbound::Alive) => {
+                // WebSocket control frames count against the rate too (review F19): the
+                // WebSocket layer answers a ping by itself, so a flood of them is closed once
+                // it is sustained, like any other.
+                if matches!(self.rate.check(now), Verdict::Close) {
+                    return Err(End::kick(CloseCode::RateLimited));
+                }
+                return Ok(None);
+            }
             Some(Inbound::Text(d)) if self.codec == Codec::Json => d,
             Some(Inbound::Binary(d)) if self.codec == Codec::Proto => d,
             Some(Inbound::Frame(d)) => d,

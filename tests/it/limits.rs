@@ -597,3 +597,68 @@ async fn a_401_closes_the_connection() {
         .unwrap();
     assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 401"));
 }
+
+/// Review F19: an unauthenticated client that sends pings but never reads their pongs is
+/// closed at the auth deadline, not held until a write times out.
+#[tokio::test]
+async fn an_unauthenticated_client_that_never_reads_goes_at_the_auth_deadline() {
+    let gw = TestGateway::with(|c| {
+        c.auth.auth_timeout = Duration::from_millis(500);
+        c.limits.write_timeout = Duration::from_secs(30);
+        c.limits.rate_per_sec = 1_000_000;
+        c.limits.rate_burst = 1_000_000;
+    })
+    .await;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let stream = sock.connect(gw.http).await.unwrap();
+    let url = format!("ws://{}/ws", gw.http);
+    let (mut ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::client_async(url, stream))
+        .await
+        .unwrap()
+        .unwrap();
+    use futures_util::SinkExt;
+    let id = "p".repeat(200);
+    let ping = Message::Text(json!({"type": "ping", "id": id}).to_string().into());
+    // Enough pongs to fill both socket buffers; the writes may stall, which is the point.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        for _ in 0..20_000 {
+            if ws.feed(ping.clone()).await.is_err() {
+                break;
+            }
+        }
+        let _ = ws.flush().await;
+    })
+    .await;
+    let freed = tokio::time::timeout(Duration::from_secs(5), async {
+        while gw.gw().limits.open() != 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    assert!(freed.await.is_ok(), "held past the auth deadline");
+    drop(ws);
+}
+
+/// Review F19: WebSocket ping control frames count against the frame rate, so a sustained
+/// flood of them is closed with 4104 like any other.
+#[tokio::test]
+async fn a_flood_of_control_frames_is_rate_limited() {
+    let gw = TestGateway::with(|c| {
+        c.limits.rate_per_sec = 5;
+        c.limits.rate_burst = 5;
+        c.limits.rate_close_after = Duration::from_millis(300);
+    })
+    .await;
+    let mut c = gw.login(Kind::Ws, "pinger", "d").await;
+    let flood = async {
+        loop {
+            if !c.send_raw(Message::Ping(bytes::Bytes::new())).await {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    };
+    let _ = tokio::time::timeout(WAIT, flood).await;
+    let closed = c.closed().await;
+    assert_eq!(closed.code, Some(4104), "{closed:?}");
+}
