@@ -91,6 +91,19 @@ pub struct StateConfig {
     #[serde(with = "duration")]
     pub dedupe_window: Duration,
     pub replay_limit: usize,
+    /// PEM file of the CA that signs Redis's certificate (`rediss://`) when it is not a
+    /// public one; empty: the system's root certificates.
+    pub redis_ca_file: String,
+    /// Prefix of every Redis key this gateway writes (several deployments can share one
+    /// Redis). No `{` or `}`: those would change the Redis Cluster hash tag.
+    pub key_prefix: String,
+    /// Bound on every state operation: a dead store answers UNAVAILABLE this fast.
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+    /// Redis: presence of an instance that stopped refreshing it (it died) disappears after
+    /// this long. Refreshed every `presence_ttl / 3` (at most every 5 s).
+    #[serde(with = "duration")]
+    pub presence_ttl: Duration,
     /// The prod profile refuses `backend = "memory"` unless this says that losing every
     /// inbox, cursor, group and revocation on restart is accepted (one instance, no Redis).
     pub memory_in_prod: bool,
@@ -196,6 +209,9 @@ pub struct SessionsConfig {
     pub outbound_queue_bytes: usize,
     /// Most frames written per flush.
     pub write_batch: usize,
+    /// Device cursors kept per user; beyond it the least recently acked device's cursor is
+    /// forgotten (that device then resumes from the user's cursor).
+    pub max_devices: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -324,6 +340,10 @@ impl Default for StateConfig {
             inbox_ttl: Duration::from_secs(7 * 24 * 3600),
             dedupe_window: Duration::from_secs(600),
             replay_limit: 200,
+            redis_ca_file: String::new(),
+            key_prefix: "imgate:".into(),
+            timeout: Duration::from_secs(1),
+            presence_ttl: Duration::from_secs(30),
             memory_in_prod: false,
         }
     }
@@ -370,6 +390,7 @@ impl Default for SessionsConfig {
             outbound_queue: 4096,
             outbound_queue_bytes: 1024 * 1024,
             write_batch: 32,
+            max_devices: 64,
         }
     }
 }
@@ -613,6 +634,7 @@ impl Config {
             ("state.inbox_max", self.state.inbox_max),
             ("state.replay_limit", self.state.replay_limit),
             ("sessions.max_per_user", self.sessions.max_per_user),
+            ("sessions.max_devices", self.sessions.max_devices),
             ("sessions.outbound_queue", self.sessions.outbound_queue),
             (
                 "sessions.outbound_queue_bytes",
@@ -649,6 +671,8 @@ impl Config {
             ("limits.handshake_timeout", self.limits.handshake_timeout),
             ("limits.write_timeout", self.limits.write_timeout),
             ("upstream.timeout", self.upstream.timeout),
+            ("state.timeout", self.state.timeout),
+            ("state.presence_ttl", self.state.presence_ttl),
         ] {
             if d.is_zero() {
                 return Err(invalid(key, "must be greater than 0"));
@@ -700,16 +724,14 @@ impl Config {
                 "required when auth.mode = \"grpc\"",
             ));
         }
-        if self.state.backend == StateBackend::Redis
-            && !self
-                .state
-                .redis_url
-                .split(',')
-                .all(|u| u.trim().starts_with("redis://") || u.trim().starts_with("rediss://"))
-        {
+        if self.state.backend == StateBackend::Redis {
+            crate::state::redis::parse_urls(&self.state.redis_url)
+                .map_err(|e| invalid("state.redis_url", e))?;
+        }
+        if self.state.key_prefix.contains(['{', '}']) {
             return Err(invalid(
-                "state.redis_url",
-                "redis:// or rediss:// URLs (comma-separated for a cluster)",
+                "state.key_prefix",
+                "no { or }: they would change the Redis Cluster hash tag of every key",
             ));
         }
         if (self.tls.cert_file.is_empty()) != (self.tls.key_file.is_empty()) {
@@ -735,6 +757,7 @@ impl Config {
             ("tls.cert_file", &self.tls.cert_file),
             ("tls.key_file", &self.tls.key_file),
             ("auth.jwks_file", &self.auth.jwks_file),
+            ("state.redis_ca_file", &self.state.redis_ca_file),
             ("grpc.tls_cert", &self.grpc.tls_cert),
             ("grpc.tls_key", &self.grpc.tls_key),
             ("grpc.client_ca", &self.grpc.client_ca),
@@ -1008,6 +1031,23 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("listen.http"));
+        let mut c = Config::default();
+        c.state.backend = StateBackend::Redis;
+        for url in ["", "http://redis:6379", "redis://a:1,redis://b:notaport"] {
+            c.state.redis_url = url.into();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("state.redis_url"), "{url}: {e}");
+        }
+        c.state.redis_url = "rediss://imgate:pw@a:6380".into();
+        c.validate().unwrap();
+        c.state.redis_url = "redis://a:1, redis://b:2".into();
+        c.validate().unwrap();
+        c.state.key_prefix = "app{1}:".into();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("state.key_prefix"));
         let mut c = Config::default();
         c.shutdown.drain_window = c.shutdown.timeout;
         assert!(c

@@ -7,7 +7,7 @@ use bytes::Bytes;
 
 use crate::hub::{Hub, PushItem};
 use crate::protocol::Push;
-use crate::state::{NewMessage, State, StateError};
+use crate::state::{Appended, NewMessage, State, StateError};
 
 /// A message to push, as the gRPC API and the relay upstream give it.
 #[derive(Debug, Clone, Default)]
@@ -58,48 +58,69 @@ impl Delivery {
         user: &str,
         msg: OutMessage,
     ) -> Result<PushOutcome, StateError> {
+        let (id, stored) = Self::to_store(msg);
+        let appended = self.state.append(user, stored.clone()).await?;
+        Ok(self.hand_over(user, &id, &stored, appended))
+    }
+
+    /// `push_durable` of one message to many users: the appends go to the store together
+    /// (a bounded number of round trips, not one per user). One result per user, in order.
+    pub async fn push_durable_many(
+        &self,
+        users: &[String],
+        msg: OutMessage,
+    ) -> Vec<Result<PushOutcome, StateError>> {
+        let (id, stored) = Self::to_store(msg);
+        let appended = self.state.append_many(users, &stored).await;
+        users
+            .iter()
+            .zip(appended)
+            .map(|(user, a)| a.map(|a| self.hand_over(user, &id, &stored, a)))
+            .collect()
+    }
+
+    fn to_store(msg: OutMessage) -> (String, NewMessage) {
         let id = if msg.id.is_empty() {
             new_message_id()
         } else {
             msg.id
         };
-        let ts = crate::now_ms();
-        let stored = self
-            .state
-            .append(
-                user,
-                NewMessage {
-                    id: id.clone(),
-                    from: msg.from.clone(),
-                    kind: msg.kind.clone(),
-                    body: msg.body.clone(),
-                    ts_ms: ts,
-                },
-            )
-            .await?;
+        let stored = NewMessage {
+            id: id.clone(),
+            from: msg.from,
+            kind: msg.kind,
+            body: msg.body,
+            ts_ms: crate::now_ms(),
+        };
+        (id, stored)
+    }
+
+    /// Hand a stored message to the user's connections (not a duplicate: it was delivered
+    /// when first stored).
+    fn hand_over(&self, user: &str, id: &str, msg: &NewMessage, stored: Appended) -> PushOutcome {
         let (online, delivered) = if stored.duplicate {
             (self.hub.is_online(user), 0)
         } else {
             let item = PushItem::new(Push {
-                id: id.clone(),
+                id: id.to_string(),
                 from: opt(&msg.from),
                 kind: opt(&msg.kind),
-                body: msg.body,
-                ts,
+                body: msg.body.clone(),
+                ts: msg.ts_ms,
                 seq: Some(stored.seq),
                 epoch: Some(stored.epoch.clone()),
             });
             let delivered = self.hub.deliver(user, &item);
             (delivered.is_some(), delivered.unwrap_or(0))
         };
-        Ok(PushOutcome {
-            message_id: id,
+        PushOutcome {
+            message_id: id.to_string(),
             seq: stored.seq,
             epoch: stored.epoch,
             delivered,
             online,
             duplicate: stored.duplicate,
-        })
+        }
     }
 
     /// Hand to the devices connected now; nothing is stored.

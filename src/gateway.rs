@@ -10,7 +10,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::auth::handshake::{OriginPolicy, TrustedProxies};
 use crate::auth::Authenticator;
@@ -22,6 +22,7 @@ use crate::ops::metrics;
 use crate::protocol::CloseCode;
 use crate::state::instrumented::Instrumented;
 use crate::state::memory::MemoryState;
+use crate::state::redis::RedisState;
 use crate::state::State;
 use crate::tls::CertStore;
 use crate::transport::Transport;
@@ -158,13 +159,26 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         cfg.sessions.max_per_user,
         cfg.sessions.outbound_queue_bytes,
     ));
-    let memory = match cfg.state.backend {
-        StateBackend::Memory => Arc::new(MemoryState::new(&cfg.state)),
+    let settings = crate::state::Settings::from_config(&cfg);
+    let state: Arc<dyn State> = match cfg.state.backend {
+        StateBackend::Memory => Arc::new(Instrumented::new(Arc::new(MemoryState::new(&settings)))),
         StateBackend::Redis => {
-            anyhow::bail!("state.backend = \"redis\" is not available in this build yet")
+            let redis = RedisState::connect(&settings)
+                .await
+                .map_err(|e| anyhow::anyhow!(e.chain()))
+                .context("state.redis_url")?;
+            Arc::new(Instrumented::new(Arc::new(redis)))
         }
     };
-    let state: Arc<dyn State> = Arc::new(Instrumented::new(memory.clone()));
+    // Mark this instance alive before it serves, so its connections' presence shows.
+    let state_up_at_start = match state.maintain(&instance_id).await {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(error = %e.chain(), "the state store does not answer yet: durable pushes fail until it does");
+            false
+        }
+    };
+    metrics::state_up(state_up_at_start);
     let delivery = Arc::new(Delivery::new(hub.clone(), state.clone()));
     let (upstream, status) = match cfg.upstream.mode {
         crate::config::UpstreamMode::Relay => (Upstream::Relay(delivery.clone()), None),
@@ -246,7 +260,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         shutdown: CancellationToken::new(),
         sessions: TaskTracker::new(),
         draining: AtomicBool::new(false),
-        state_up: AtomicBool::new(true),
+        state_up: AtomicBool::new(state_up_at_start),
         next_id: AtomicU64::new(1),
     });
 
@@ -294,7 +308,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     if let Some(certs) = &gw.certs {
         background.spawn(certs.spawn_maintenance(stop_background.clone()));
     }
-    background.spawn(maintenance(gw.clone(), memory, stop_background.clone()));
+    background.spawn(maintenance(gw.clone(), stop_background.clone()));
     metrics::draining(false);
     info!(
         instance = %gw.instance_id,
@@ -316,17 +330,36 @@ fn shown(addr: Option<SocketAddr>) -> String {
     addr.map_or_else(|| "off".to_string(), |a| a.to_string())
 }
 
-/// Periodic work: inbox expiry and the state-store health gauge.
-async fn maintenance(gw: Arc<Gateway>, memory: Arc<MemoryState>, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
+/// How often the state store's upkeep runs: often enough to refresh presence well within
+/// `state.presence_ttl`, and to notice the store going down or coming back.
+fn maintenance_period(cfg: &Config) -> Duration {
+    (cfg.state.presence_ttl / 3).clamp(Duration::from_millis(100), Duration::from_secs(5))
+}
+
+/// Periodic work: the backend's upkeep (memory: expiry; Redis: this instance's presence
+/// stays alive) and the state-store health gauge.
+async fn maintenance(gw: Arc<Gateway>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(maintenance_period(&gw.cfg));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        memory.sweep();
-        let up = gw.state.ping().await.is_ok();
-        gw.state_up.store(up, Ordering::Relaxed);
+        let up = match gw.state.maintain(&gw.instance_id).await {
+            Ok(()) => gw.state.ping().await.is_ok(),
+            Err(e) => {
+                debug!(error = %e.chain(), "state store upkeep failed");
+                false
+            }
+        };
+        if up != gw.state_up.swap(up, Ordering::Relaxed) {
+            if up {
+                info!("the state store answers again");
+            } else {
+                warn!("the state store does not answer: durable pushes fail with UNAVAILABLE");
+            }
+        }
         metrics::state_up(up);
     }
 }
@@ -378,6 +411,14 @@ impl Running {
         self.stop_background.cancel();
         self.background.close();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.background.wait()).await;
+        // Sessions removed their own presence; whatever is left (a session that outlived
+        // the timeout, a removal that failed) goes with the instance (SPEC §10), after the
+        // upkeep stopped (it would mark the instance alive again).
+        match gw.state.remove_instance(&gw.instance_id).await {
+            Ok(0) => {}
+            Ok(n) => info!(removed = n, "presence left by this instance removed"),
+            Err(e) => warn!(error = %e.chain(), "presence of this instance not removed"),
+        }
         info!(elapsed_ms = started.elapsed().as_millis() as u64, "drained");
     }
 }

@@ -1,6 +1,7 @@
 //! The `imgate.v1.Gateway` service on the gRPC listener, with API-key (and optional mTLS)
 //! authentication, gRPC health checking and server reflection.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -21,10 +22,14 @@ use crate::delivery::{OutMessage, PushOutcome};
 use crate::gateway::Gateway;
 use crate::ops::metrics;
 use crate::state::StateError;
+use futures_util::stream::{FuturesOrdered, StreamExt};
 
 /// Results a `PushStream` may have produced and not yet sent: a pusher that does not read
 /// its results stops being read, and HTTP/2 flow control slows it down.
 const STREAM_WINDOW: usize = 256;
+/// `PushStream` items in flight at once: their appends go to the store together (one
+/// round trip for many, on a remote store) while results still go out in request order.
+const STREAM_DEPTH: usize = 64;
 /// Fan-outs yield to the scheduler this often, so a huge group does not hog a worker.
 const YIELD_EVERY: usize = 512;
 
@@ -153,7 +158,8 @@ fn durable(delivery: i32) -> Result<bool, Status> {
 }
 
 fn unavailable(e: StateError) -> Status {
-    Status::unavailable(e.to_string())
+    // The cause (refused, timed out...) tells the caller whether to retry now or later.
+    Status::unavailable(e.chain())
 }
 
 fn result(user_id: String, out: PushOutcome) -> PushResult {
@@ -213,16 +219,27 @@ impl GatewayApi for GatewayService {
             self.batch("user_ids", &req.user_ids)?;
             let durable = durable(req.delivery)?;
             let msg = self.message(req.message)?;
-            let mut results = Vec::with_capacity(req.user_ids.len());
-            for (i, user) in req.user_ids.into_iter().enumerate() {
-                if i % YIELD_EVERY == YIELD_EVERY - 1 {
-                    tokio::task::yield_now().await;
+            let results = if durable {
+                let outs = self.gw.delivery.push_durable_many(&req.user_ids, msg).await;
+                req.user_ids
+                    .into_iter()
+                    .zip(outs)
+                    .map(|(user, out)| match out {
+                        Ok(out) => result(user, out),
+                        Err(e) => failed(user, &unavailable(e)),
+                    })
+                    .collect()
+            } else {
+                let mut results = Vec::with_capacity(req.user_ids.len());
+                for (i, user) in req.user_ids.into_iter().enumerate() {
+                    if i % YIELD_EVERY == YIELD_EVERY - 1 {
+                        tokio::task::yield_now().await;
+                    }
+                    let out = self.gw.delivery.push_transient(&user, msg.clone());
+                    results.push(result(user, out));
                 }
-                results.push(match self.push(&user, msg.clone(), durable).await {
-                    Ok(out) => result(user, out),
-                    Err(e) => failed(user, &unavailable(e)),
-                });
-            }
+                results
+            };
             Ok(PushToUsersResponse { results })
         }
         .await;
@@ -244,19 +261,25 @@ impl GatewayApi for GatewayService {
                 .group_members(&req.group_id)
                 .await
                 .map_err(unavailable)?;
-            let mut resp = PushToGroupResponse::default();
-            for (i, user) in members
-                .iter()
+            let members: Vec<String> = members
+                .into_iter()
                 .filter(|m| !req.exclude_user_ids.contains(m))
-                .enumerate()
-            {
-                if i % YIELD_EVERY == YIELD_EVERY - 1 {
-                    tokio::task::yield_now().await;
+                .collect();
+            let mut resp = PushToGroupResponse::default();
+            let outs = if durable {
+                self.gw.delivery.push_durable_many(&members, msg).await
+            } else {
+                let mut outs = Vec::with_capacity(members.len());
+                for (i, user) in members.iter().enumerate() {
+                    if i % YIELD_EVERY == YIELD_EVERY - 1 {
+                        tokio::task::yield_now().await;
+                    }
+                    outs.push(Ok(self.gw.delivery.push_transient(user, msg.clone())));
                 }
-                let out = self
-                    .push(user, msg.clone(), durable)
-                    .await
-                    .map_err(unavailable)?;
+                outs
+            };
+            for out in outs {
+                let out = out.map_err(unavailable)?;
                 resp.members += 1;
                 resp.online += u32::from(out.online);
                 resp.delivered += out.delivered;
@@ -307,30 +330,36 @@ impl GatewayApi for GatewayService {
     ) -> Result<Response<GetUserStatusResponse>, Status> {
         let req = req.into_inner();
         self.batch("user_ids", &req.user_ids)?;
-        let mut statuses = Vec::with_capacity(req.user_ids.len());
-        for user in req.user_ids {
-            // Presence spans every instance (with a shared store), not only this one's hub.
-            let devices: Vec<DeviceStatus> = self
-                .gw
-                .state
-                .presence(&user)
-                .await
-                .map_err(unavailable)?
-                .into_iter()
-                .map(|p| DeviceStatus {
-                    device_id: p.device,
-                    platform: p.platform,
-                    transport: p.transport,
-                    instance_id: p.instance,
-                    connected_at_ms: p.connected_at_ms,
-                })
-                .collect();
-            statuses.push(UserStatus {
-                user_id: user,
-                online: !devices.is_empty(),
-                devices,
-            });
-        }
+        // Presence spans every instance (with a shared store), not only this one's hub; one
+        // batched lookup for all users.
+        let lists = self
+            .gw
+            .state
+            .presence_many(&req.user_ids)
+            .await
+            .map_err(unavailable)?;
+        let statuses = req
+            .user_ids
+            .into_iter()
+            .zip(lists)
+            .map(|(user, list)| {
+                let devices: Vec<DeviceStatus> = list
+                    .into_iter()
+                    .map(|p| DeviceStatus {
+                        device_id: p.device,
+                        platform: p.platform,
+                        transport: p.transport,
+                        instance_id: p.instance,
+                        connected_at_ms: p.connected_at_ms,
+                    })
+                    .collect();
+                UserStatus {
+                    user_id: user,
+                    online: !devices.is_empty(),
+                    devices,
+                }
+            })
+            .collect();
         Ok(Response::new(GetUserStatusResponse { statuses }))
     }
 
@@ -411,43 +440,85 @@ impl GatewayApi for GatewayService {
             gw: self.gw.clone(),
         };
         tokio::spawn(async move {
+            let svc = &svc;
+            let mut inflight = FuturesOrdered::new();
+            // Users with an item in flight: a user's next item waits for it, so one user's
+            // pushes are stored in request order whatever the store does with retries.
+            let mut busy: HashMap<String, usize> = HashMap::new();
+            let mut held: Option<PushToUserRequest> = None;
+            let mut reading = true;
+            let mut draining = false;
+            let mut broken: Option<Status> = None;
             loop {
-                let next = tokio::select! {
-                    _ = svc.gw.shutdown.cancelled() => {
-                        let _ = tx.send(Err(Status::unavailable("the instance is draining: reconnect"))).await;
-                        return;
+                if held
+                    .as_ref()
+                    .is_some_and(|r| !busy.contains_key(&r.user_id))
+                {
+                    let req = held.take().expect("checked");
+                    *busy.entry(req.user_id.clone()).or_default() += 1;
+                    let user = req.user_id.clone();
+                    inflight.push_back(async move { (user, svc.push_to_user_inner(req).await) });
+                }
+                tokio::select! {
+                    biased;
+                    _ = svc.gw.shutdown.cancelled(), if reading => {
+                        // Stop reading; what is in flight still gets its answer.
+                        reading = false;
+                        draining = true;
                     }
-                    next = inbound.message() => next,
-                };
-                let req = match next {
-                    Ok(Some(req)) => req,
-                    Ok(None) => return,
-                    Err(status) => {
-                        // A broken request stream must not end with OK: the pusher would
-                        // take the missing results for success.
-                        let _ = tx.send(Err(status)).await;
-                        return;
-                    }
-                };
-                let user = req.user_id.clone();
-                // One result per request, in request order; a failing item fails alone.
-                let item = match svc.push_to_user_inner(req).await {
-                    Ok(r) => {
-                        metrics::push_request("PushStream", "ok");
-                        r
-                    }
-                    Err(status) => {
-                        let label = if status.code() == tonic::Code::InvalidArgument {
-                            "invalid_argument"
-                        } else {
-                            "unavailable"
+                    Some((user, r)) = inflight.next(), if !inflight.is_empty() => {
+                        if let Some(n) = busy.get_mut(&user) {
+                            *n -= 1;
+                            if *n == 0 {
+                                busy.remove(&user);
+                            }
+                        }
+                        // One result per request, in request order; a failing item fails alone.
+                        let item = match r {
+                            Ok(r) => {
+                                metrics::push_request("PushStream", "ok");
+                                r
+                            }
+                            Err(status) => {
+                                let status: Status = status;
+                                let label = if status.code() == tonic::Code::InvalidArgument {
+                                    "invalid_argument"
+                                } else {
+                                    "unavailable"
+                                };
+                                metrics::push_request("PushStream", label);
+                                failed(user, &status)
+                            }
                         };
-                        metrics::push_request("PushStream", label);
-                        failed(user, &status)
+                        if tx.send(Ok(item)).await.is_err() {
+                            return; // the caller went away
+                        }
                     }
-                };
-                if tx.send(Ok(item)).await.is_err() {
-                    return; // the caller went away
+                    next = inbound.message(), if reading && held.is_none() && inflight.len() < STREAM_DEPTH => {
+                        match next {
+                            Ok(Some(req)) => held = Some(req),
+                            Ok(None) => reading = false,
+                            Err(status) => {
+                                // A broken request stream must not end with OK: the pusher
+                                // would take the missing results for success.
+                                reading = false;
+                                broken = Some(status);
+                            }
+                        }
+                    }
+                    else => {
+                        if held.is_some() {
+                            continue; // started at the top of the loop
+                        }
+                        if let Some(status) = broken.take() {
+                            let _ = tx.send(Err(status)).await;
+                        } else if draining {
+                            let _ = tx
+                                .send(Err(Status::unavailable("the instance is draining: reconnect")))
+                                .await;
+                        }
+                        return;
+                    }
                 }
             }
         });

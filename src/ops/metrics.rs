@@ -54,8 +54,11 @@ pub const PUSH_METHODS: [&str; 6] = [
 ];
 pub const PUSH_RESULTS: [&str; 4] = ["ok", "invalid_argument", "unavailable", "unauthenticated"];
 pub const UPSTREAM_RESULTS: [&str; 4] = ["ok", "error", "timeout", "unavailable"];
-pub const STATE_OPS: [&str; 11] = [
+pub const STATE_OPS: [&str; 14] = [
     "append",
+    "append_many",
+    "resume",
+    "maintain",
     "read",
     "head",
     "cursors",

@@ -294,8 +294,11 @@ impl<S: Session> Conn<S> {
         let device = identity
             .device
             .clone()
-            .or_else(|| adm.params.device.clone())
-            .unwrap_or_else(|| format!("d-{:016x}", rand::random::<u64>()));
+            .or_else(|| adm.params.device.clone());
+        // A device id made up here names this connection only: it can never resume, so it
+        // keeps no cursor (which would only crowd out real devices' cursors).
+        let keeps_cursor = device.is_some();
+        let device = device.unwrap_or_else(|| format!("d-{:016x}", rand::random::<u64>()));
         let platform = identity
             .platform
             .clone()
@@ -344,10 +347,11 @@ impl<S: Session> Conn<S> {
         }
         self.arm_expiry(gw.auth.session_deadline_ms(&identity));
 
-        let mut sync = match Box::pin(self.welcome(&info, &identity, since.as_deref())).await {
-            Ok(sync) => sync,
-            Err(end) => return end,
-        };
+        let mut sync =
+            match Box::pin(self.welcome(&info, &identity, since.as_deref(), keeps_cursor)).await {
+                Ok(sync) => sync,
+                Err(end) => return end,
+            };
         if let Err(end) = self.flush().await {
             return end;
         }
@@ -421,7 +425,7 @@ impl<S: Session> Conn<S> {
         };
         match self.gw.state.add_presence(&presence).await {
             Ok(()) => self.presence = Some(info.clone()),
-            Err(e) => debug!(error = %e, "presence not recorded"),
+            Err(e) => debug!(error = %e.chain(), "presence not recorded"),
         }
     }
 
@@ -430,11 +434,23 @@ impl<S: Session> Conn<S> {
         info: &ConnInfo,
         identity: &Identity,
         since: Option<&str>,
+        keeps_cursor: bool,
     ) -> Result<Sync, End> {
         let gw = self.gw.clone();
-        let head = gw.state.head(&info.user).await?;
-        let cursors = gw.state.cursors(&info.user, &info.device).await?;
-        let sync = Sync::start(head.clone(), cursors, since);
+        let limit = gw.cfg.state.replay_limit.max(1);
+        // Head, cursors and the first replay batch in one call: one round trip to a remote
+        // store (presence was the other).
+        let resumed = gw
+            .state
+            .resume(
+                &info.user,
+                keeps_cursor.then_some(info.device.as_str()),
+                since,
+                limit,
+            )
+            .await?;
+        let mut sync = Sync::start(resumed.head.clone(), resumed.cursors, since);
+        sync.keeps_cursor = keeps_cursor;
         self.queue(ServerFrame::Welcome(Welcome {
             session: info.session.clone(),
             user: info.user.clone(),
@@ -444,13 +460,17 @@ impl<S: Session> Conn<S> {
             instance: gw.instance_id.clone(),
             heartbeat_ms: gw.cfg.sessions.heartbeat.as_millis() as u64,
             max_frame: gw.cfg.limits.max_frame as u64,
-            epoch: head.epoch,
-            head_seq: head.head_seq,
-            cursor: cursors.device.unwrap_or(0),
+            epoch: resumed.head.epoch,
+            head_seq: resumed.head.head_seq,
+            cursor: resumed.cursors.device.unwrap_or(0),
             token_expires_at_ms: identity.expires_at_ms,
         }));
-        let mut sync = sync;
-        self.replay_next(&mut sync, info).await?;
+        if resumed.after != sync.last_sent {
+            // Not expected (both follow `resume_point`); read from where the session stands.
+            self.replay_next(&mut sync, info).await?;
+        } else {
+            self.replay_batch(&mut sync, info, resumed.range).await?;
+        }
         Ok(sync)
     }
 
@@ -524,6 +544,18 @@ impl<S: Session> Conn<S> {
             .state
             .read_after(&info.user, sync.last_sent, limit)
             .await?;
+        self.replay_batch(sync, info, range).await
+    }
+
+    /// Send one replay batch read after `sync.last_sent`; ends with `synced` once nothing
+    /// is left.
+    async fn replay_batch(
+        &mut self,
+        sync: &mut Sync,
+        info: &ConnInfo,
+        range: crate::state::InboxRange,
+    ) -> Result<(), End> {
+        let limit = self.gw.cfg.state.replay_limit.max(1);
         if range.epoch != sync.epoch {
             return Err(End::Kick(CloseCode::Internal, "inbox epoch changed".into()));
         }
@@ -716,14 +748,17 @@ impl<S: Session> Conn<S> {
             },
             ClientFrame::Ack { seq, epoch } => {
                 if epoch == sync.epoch && seq > sync.acked {
+                    // A device cannot hold what it was not sent: an ack beyond it would
+                    // skip those entries at its next resume.
                     sync.acked = seq.min(sync.last_sent);
+                    let device = sync.keeps_cursor.then_some(info.device.as_str());
                     if let Err(e) = self
                         .gw
                         .state
-                        .ack(&info.user, &info.device, &epoch, seq)
+                        .ack(&info.user, device, &epoch, sync.acked)
                         .await
                     {
-                        debug!(error = %e, "ack not recorded");
+                        debug!(error = %e.chain(), "ack not recorded");
                     }
                     if sync.awaiting_ack.is_some_and(|upto| seq >= upto) {
                         Box::pin(self.replay_next(sync, info)).await?;

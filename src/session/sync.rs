@@ -2,7 +2,7 @@
 //! point, replay progress, and the highest seq sent, so that durable pushes reach the
 //! device in order with no gap and nothing live goes out before `synced`.
 
-use crate::state::{Cursors, InboxHead};
+use crate::state::{resume_point, Cursors, InboxHead};
 
 #[derive(Debug)]
 pub struct Sync {
@@ -19,6 +19,8 @@ pub struct Sync {
     pub max_live_seen: u64,
     /// Highest seq this device acked in this session (acks at or below it change nothing).
     pub acked: u64,
+    /// Acks are stored as the device's cursor (false for a device id the gateway made up).
+    pub keeps_cursor: bool,
 }
 
 impl Sync {
@@ -27,11 +29,7 @@ impl Sync {
     /// cursor (offline messages go to whichever device connects first; a new device does
     /// not get the whole history).
     pub fn start(head: InboxHead, cursors: Cursors, since: Option<&str>) -> Sync {
-        let (after, complete) = match since.map(parse_position) {
-            Some(Some((epoch, seq))) if epoch == head.epoch => (seq.min(head.head_seq), true),
-            Some(_) => (0, false),
-            None => (cursors.device.unwrap_or(cursors.user), true),
-        };
+        let (after, complete) = resume_point(&head, cursors, since);
         Sync {
             epoch: head.epoch,
             last_sent: after,
@@ -41,19 +39,15 @@ impl Sync {
             complete,
             max_live_seen: 0,
             acked: after,
+            keeps_cursor: true,
         }
     }
-}
-
-/// `<epoch>:<seq>`. The epoch is opaque and may itself hold colons, so split at the last.
-pub fn parse_position(s: &str) -> Option<(&str, u64)> {
-    let (epoch, seq) = s.rsplit_once(':')?;
-    Some((epoch, seq.parse().ok()?))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::parse_position;
 
     fn head(epoch: &str, seq: u64) -> InboxHead {
         InboxHead {

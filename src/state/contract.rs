@@ -1,12 +1,38 @@
 //! The contract every `State` implementation passes, written against the trait only.
 //! `state_contract_tests!(factory)` expands to one `#[tokio::test]` per case, where
-//! `factory` is a closure `|cfg: &StateConfig| -> impl State` (it may start a server).
+//! `factory` is an `async fn(Settings) -> Fixture` (it may start a server, which the
+//! fixture's guard stops when the case ends).
+//!
+//! Time-dependent cases run on real, short windows and wait for the effect by polling
+//! under a timeout, so they hold for a store with its own clock (Redis) as for memory.
 
+use std::any::Any;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 
 use super::*;
+
+/// A state under test, and whatever must live as long as it (a server the test started).
+pub struct Fixture {
+    pub state: Arc<dyn State>,
+    pub guard: Box<dyn Any + Send>,
+}
+
+impl Fixture {
+    pub fn new(state: impl State, guard: impl Any + Send) -> Fixture {
+        Fixture {
+            state: Arc::new(state),
+            guard: Box::new(guard),
+        }
+    }
+}
+
+type S = Arc<dyn State>;
+
+/// How long a time-dependent effect may take to show before the case fails.
+const EFFECT_WAIT: Duration = Duration::from_secs(10);
 
 pub fn msg(id: &str, body: &str) -> NewMessage {
     NewMessage {
@@ -22,7 +48,7 @@ fn seqs(r: &InboxRange) -> Vec<u64> {
     r.messages.iter().map(|m| m.seq).collect()
 }
 
-pub async fn seq_is_dense_and_epoch_stable(s: impl State) {
+pub async fn seq_is_dense_and_epoch_stable(s: S) {
     let head = s.head("u").await.unwrap();
     assert_eq!(head.head_seq, 0);
     for i in 1..=5 {
@@ -42,7 +68,7 @@ pub async fn seq_is_dense_and_epoch_stable(s: impl State) {
     );
 }
 
-pub async fn read_after_order_limit_and_fields(s: impl State) {
+pub async fn read_after_order_limit_and_fields(s: S) {
     for i in 1..=10 {
         s.append("u", msg(&format!("m{i}"), &i.to_string()))
             .await
@@ -73,7 +99,7 @@ pub async fn read_after_order_limit_and_fields(s: impl State) {
         .is_empty());
 }
 
-pub async fn trimmed_by_inbox_max(s: impl State) {
+pub async fn trimmed_by_inbox_max(s: S) {
     // The factory is given inbox_max = 5 for this case.
     for i in 1..=8 {
         s.append("u", msg(&format!("m{i}"), "x")).await.unwrap();
@@ -87,7 +113,7 @@ pub async fn trimmed_by_inbox_max(s: impl State) {
     assert!(!r.trimmed);
 }
 
-pub async fn dedupe_returns_the_original_seq(s: impl State) {
+pub async fn dedupe_returns_the_original_seq(s: S) {
     let a = s.append("u", msg("order-1", "x")).await.unwrap();
     s.append("u", msg("order-2", "y")).await.unwrap();
     let b = s.append("u", msg("order-1", "x")).await.unwrap();
@@ -97,7 +123,7 @@ pub async fn dedupe_returns_the_original_seq(s: impl State) {
     assert!(!s.append("v", msg("order-1", "x")).await.unwrap().duplicate);
 }
 
-pub async fn cursors_move_forward_only(s: impl State) {
+pub async fn cursors_move_forward_only(s: S) {
     for i in 1..=6 {
         s.append("u", msg(&format!("m{i}"), "x")).await.unwrap();
     }
@@ -109,8 +135,8 @@ pub async fn cursors_move_forward_only(s: impl State) {
             user: 0
         }
     );
-    s.ack("u", "phone", &epoch, 4).await.unwrap();
-    s.ack("u", "phone", &epoch, 2).await.unwrap();
+    s.ack("u", Some("phone"), &epoch, 4).await.unwrap();
+    s.ack("u", Some("phone"), &epoch, 2).await.unwrap();
     assert_eq!(
         s.cursors("u", "phone").await.unwrap(),
         Cursors {
@@ -118,7 +144,7 @@ pub async fn cursors_move_forward_only(s: impl State) {
             user: 4
         }
     );
-    s.ack("u", "laptop", &epoch, 99).await.unwrap();
+    s.ack("u", Some("laptop"), &epoch, 99).await.unwrap();
     assert_eq!(
         s.cursors("u", "laptop").await.unwrap(),
         Cursors {
@@ -127,7 +153,9 @@ pub async fn cursors_move_forward_only(s: impl State) {
         },
         "not past the head"
     );
-    s.ack("u", "tablet", "another-epoch", 5).await.unwrap();
+    s.ack("u", Some("tablet"), "another-epoch", 5)
+        .await
+        .unwrap();
     assert_eq!(
         s.cursors("u", "tablet").await.unwrap(),
         Cursors {
@@ -139,7 +167,7 @@ pub async fn cursors_move_forward_only(s: impl State) {
     assert_eq!(s.cursors("u", "phone").await.unwrap().device, Some(4));
 }
 
-pub async fn groups(s: impl State) {
+pub async fn groups(s: S) {
     let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     assert!(s.group_members("g").await.unwrap().is_empty());
     assert_eq!(
@@ -177,9 +205,24 @@ pub async fn groups(s: impl State) {
         0
     );
     assert!(s.group_members("g").await.unwrap().is_empty());
+    // A large group in one call (a script passes its members in slices).
+    let many: Vec<String> = (0..2500).map(|i| format!("m{i:05}")).collect();
+    assert_eq!(
+        s.set_group_members("big", GroupOp::Replace, &many)
+            .await
+            .unwrap(),
+        2500
+    );
+    assert_eq!(
+        s.set_group_members("big", GroupOp::Remove, &many[..1200])
+            .await
+            .unwrap(),
+        1300
+    );
+    assert_eq!(s.group_members("big").await.unwrap(), many[1200..].to_vec());
 }
 
-pub async fn revocation(s: impl State) {
+pub async fn revocation(s: S) {
     let none = Revocation::default();
     assert_eq!(s.revoked_at("u", None).await.unwrap(), none);
     assert_eq!(s.revoked_at("u", Some("d1")).await.unwrap(), none);
@@ -230,8 +273,7 @@ pub async fn revocation(s: impl State) {
     assert_eq!(s.revoked_at("w", None).await.unwrap(), none);
 }
 
-pub async fn concurrent_appends_leave_no_gap(s: impl State) {
-    let s = Arc::new(s);
+pub async fn concurrent_appends_leave_no_gap(s: S) {
     let mut tasks = Vec::new();
     for t in 0..8 {
         let s = s.clone();
@@ -256,7 +298,7 @@ pub async fn concurrent_appends_leave_no_gap(s: impl State) {
     assert_eq!(all, (1..=400).collect::<Vec<_>>());
 }
 
-pub async fn users_are_independent(s: impl State) {
+pub async fn users_are_independent(s: S) {
     s.append("a", msg("1", "x")).await.unwrap();
     s.append("a", msg("2", "x")).await.unwrap();
     assert_eq!(s.append("b", msg("1", "x")).await.unwrap().seq, 1);
@@ -276,7 +318,11 @@ fn conn(user: &str, conn: &str, instance: &str) -> Presence {
     }
 }
 
-pub async fn presence_and_routes(s: impl State) {
+pub async fn presence_and_routes(s: S) {
+    // Instances that heartbeat (a remote store hides the presence of one that stopped).
+    for i in ["i1", "i2"] {
+        s.maintain(i).await.unwrap();
+    }
     assert!(s.presence("u").await.unwrap().is_empty());
     assert!(s.routes("u").await.unwrap().is_empty());
     s.add_presence(&conn("u", "c1", "i1")).await.unwrap();
@@ -307,61 +353,259 @@ pub async fn presence_and_routes(s: impl State) {
     assert_eq!(s.presence("v").await.unwrap(), vec![conn("v", "c4", "i1")]);
 }
 
-/// One test per contract case for a factory `|cfg: &StateConfig| -> impl State`.
+pub async fn device_cursors_are_bounded_least_recently_acked_first(s: S) {
+    // The factory is given max_devices = 3 for this case.
+    for i in 1..=10 {
+        s.append("u", msg(&format!("m{i}"), "x")).await.unwrap();
+    }
+    let epoch = s.head("u").await.unwrap().epoch;
+    for (d, seq) in [("d1", 1), ("d2", 2), ("d3", 3)] {
+        s.ack("u", Some(d), &epoch, seq).await.unwrap();
+    }
+    // d1 acks again: now d2 is the least recently acked.
+    s.ack("u", Some("d1"), &epoch, 4).await.unwrap();
+    s.ack("u", Some("d4"), &epoch, 5).await.unwrap();
+    let cursor = |d: &'static str| {
+        let s = s.clone();
+        async move { s.cursors("u", d).await.unwrap().device }
+    };
+    assert_eq!(
+        cursor("d2").await,
+        None,
+        "the least recently acked is forgotten"
+    );
+    assert_eq!(
+        (cursor("d1").await, cursor("d3").await, cursor("d4").await),
+        (Some(4), Some(3), Some(5))
+    );
+    assert_eq!(
+        s.cursors("u", "d2").await.unwrap().user,
+        5,
+        "the user cursor stays: a forgotten device resumes from it"
+    );
+    // A forgotten device that acks again gets a cursor again, evicting the next one.
+    s.ack("u", Some("d2"), &epoch, 6).await.unwrap();
+    assert_eq!(cursor("d2").await, Some(6));
+    assert_eq!(cursor("d3").await, None);
+}
+
+pub async fn an_ack_without_a_device_moves_the_user_cursor_only(s: S) {
+    // The factory is given max_devices = 1 for this case.
+    for i in 1..=5 {
+        s.append("u", msg(&format!("m{i}"), "x")).await.unwrap();
+    }
+    let epoch = s.head("u").await.unwrap().epoch;
+    s.ack("u", Some("phone"), &epoch, 2).await.unwrap();
+    s.ack("u", None, &epoch, 4).await.unwrap();
+    assert_eq!(
+        s.cursors("u", "phone").await.unwrap(),
+        Cursors {
+            device: Some(2),
+            user: 4
+        },
+        "the device's cursor is neither moved nor evicted"
+    );
+    assert_eq!(s.cursors("u", "").await.unwrap().device, None);
+}
+
+pub async fn dedupe_window_expires(s: S) {
+    // The factory is given dedupe_window = 300 ms for this case.
+    assert!(!s.append("u", msg("same", "x")).await.unwrap().duplicate);
+    assert!(s.append("u", msg("same", "x")).await.unwrap().duplicate);
+    let again = tokio::time::timeout(EFFECT_WAIT, async {
+        loop {
+            let a = s.append("u", msg("same", "x")).await.unwrap();
+            if !a.duplicate {
+                return a;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the id is accepted again once the window passed");
+    assert_eq!(again.seq, 2);
+}
+
+pub async fn entries_expire_after_the_ttl(s: S) {
+    // The factory is given inbox_ttl = 500 ms for this case.
+    let first = s.append("u", msg("a", "x")).await.unwrap();
+    tokio::time::timeout(EFFECT_WAIT, async {
+        loop {
+            let r = s.read_after("u", 0, 10).await.unwrap();
+            if r.messages.is_empty() {
+                assert!(r.trimmed, "an expired entry is reported as missing");
+                assert_eq!(r.head_seq, 1);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the entry expires");
+    // The inbox was in use all along: same epoch, the seq goes on.
+    let next = s.append("u", msg("b", "x")).await.unwrap();
+    assert_eq!((next.seq, &next.epoch), (2, &first.epoch));
+    let r = s.read_after("u", 0, 10).await.unwrap();
+    assert_eq!(seqs(&r), vec![2]);
+    assert!(r.trimmed);
+}
+
+pub async fn a_lost_inbox_gets_a_new_epoch(s: S) {
+    // The factory is given inbox_ttl = 300 ms and dedupe_window = 100 ms for this case.
+    let first = s.append("u", msg("a", "x")).await.unwrap();
+    s.ack("u", Some("phone"), &first.epoch, 1).await.unwrap();
+    // Nothing touches the user while the inbox ages out: waiting is the point here.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    s.maintain("i1").await.unwrap();
+    let again = s.append("u", msg("b", "x")).await.unwrap();
+    assert_ne!(again.epoch, first.epoch, "the inbox outlived its ttl");
+    assert_eq!(again.seq, 1, "a new epoch starts at 1");
+    assert_eq!(
+        s.cursors("u", "phone").await.unwrap(),
+        Cursors {
+            device: None,
+            user: 0
+        },
+        "cursors of the lost epoch are gone"
+    );
+}
+
+pub async fn resume_answers_head_cursors_and_first_batch(s: S) {
+    for i in 1..=5 {
+        s.append("u", msg(&format!("m{i}"), "x")).await.unwrap();
+    }
+    let epoch = s.head("u").await.unwrap().epoch;
+    s.ack("u", Some("phone"), &epoch, 2).await.unwrap();
+    s.ack("u", Some("laptop"), &epoch, 4).await.unwrap();
+    let r = s.resume("u", Some("phone"), None, 2).await.unwrap();
+    assert_eq!(
+        (r.head.head_seq, r.cursors, r.after, seqs(&r.range)),
+        (
+            5,
+            Cursors {
+                device: Some(2),
+                user: 4
+            },
+            2,
+            vec![3, 4]
+        )
+    );
+    assert_eq!(r.head.epoch, epoch);
+    // A device without a cursor resumes after the user's.
+    let r = s.resume("u", Some("tablet"), None, 10).await.unwrap();
+    assert_eq!((r.after, seqs(&r.range)), (4, vec![5]));
+    // One that keeps no cursor too.
+    let r = s.resume("u", None, None, 10).await.unwrap();
+    assert_eq!((r.cursors.device, r.after), (None, 4));
+    // `since` of this epoch wins over the cursors, clamped to the head.
+    let r = s
+        .resume("u", Some("phone"), Some(&format!("{epoch}:1")), 10)
+        .await
+        .unwrap();
+    assert_eq!((r.after, seqs(&r.range)), (1, vec![2, 3, 4, 5]));
+    let r = s
+        .resume("u", Some("phone"), Some(&format!("{epoch}:99")), 10)
+        .await
+        .unwrap();
+    assert_eq!((r.after, r.range.messages.len()), (5, 0));
+    // Another epoch, or garbage: the current epoch from its start.
+    for since in ["old:3", "garbage"] {
+        let r = s.resume("u", Some("phone"), Some(since), 10).await.unwrap();
+        assert_eq!((r.after, r.range.messages.len()), (0, 5), "{since}");
+    }
+    // A user never seen gets an epoch, which the first push keeps.
+    let r = s.resume("new", Some("phone"), None, 10).await.unwrap();
+    assert_eq!((r.head.head_seq, r.after), (0, 0));
+    let a = s.append("new", msg("x", "x")).await.unwrap();
+    assert_eq!(a.epoch, r.head.epoch);
+}
+
+pub async fn append_many_in_order(s: S) {
+    let users: Vec<String> = (0..300).map(|i| format!("u{i}")).collect();
+    s.append("u7", msg("earlier", "x")).await.unwrap();
+    let out = s.append_many(&users, &msg("m", "x")).await;
+    assert_eq!(out.len(), 300);
+    for (i, r) in out.iter().enumerate() {
+        let a = r.as_ref().unwrap();
+        assert_eq!(a.seq, if i == 7 { 2 } else { 1 }, "user {i}");
+        assert!(!a.duplicate);
+    }
+    // The same id again: every user reports the original.
+    let again = s.append_many(&users[..3], &msg("m", "x")).await;
+    assert!(again.iter().all(|r| r.as_ref().unwrap().duplicate));
+}
+
+pub async fn presence_many_in_order(s: S) {
+    s.maintain("i1").await.unwrap();
+    s.add_presence(&conn("a", "c1", "i1")).await.unwrap();
+    s.add_presence(&conn("c", "c2", "i1")).await.unwrap();
+    let users: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+    let out = s.presence_many(&users).await.unwrap();
+    let conns: Vec<Vec<String>> = out
+        .into_iter()
+        .map(|l| l.into_iter().map(|p| p.conn).collect())
+        .collect();
+    assert_eq!(
+        conns,
+        vec![vec!["c1".to_string()], vec![], vec!["c2".to_string()]]
+    );
+}
+
+/// One test per contract case for an `async fn(Settings) -> Fixture`.
 #[macro_export]
 macro_rules! state_contract_tests {
     ($factory:expr) => {
-        mod contract {
+        mod contract_cases {
             use super::*;
-            use $crate::config::StateConfig;
             use $crate::state::contract as c;
+            use $crate::state::Settings;
 
-            fn make(tweak: impl FnOnce(&mut StateConfig)) -> impl $crate::state::State {
-                let mut cfg = StateConfig::default();
-                tweak(&mut cfg);
-                ($factory)(&cfg)
+            async fn make(tweak: impl FnOnce(&mut Settings)) -> $crate::state::contract::Fixture {
+                let mut s = Settings::default();
+                tweak(&mut s);
+                ($factory)(s).await
             }
 
-            #[tokio::test]
-            async fn seq_is_dense_and_epoch_stable() {
-                c::seq_is_dense_and_epoch_stable(make(|_| {})).await
+            macro_rules! case {
+                ($name:ident, $tweak:expr) => {
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $name() {
+                        let f = make($tweak).await;
+                        c::$name(f.state.clone()).await;
+                        drop(f);
+                    }
+                };
             }
-            #[tokio::test]
-            async fn read_after_order_limit_and_fields() {
-                c::read_after_order_limit_and_fields(make(|_| {})).await
-            }
-            #[tokio::test]
-            async fn trimmed_by_inbox_max() {
-                c::trimmed_by_inbox_max(make(|c| c.inbox_max = 5)).await
-            }
-            #[tokio::test]
-            async fn dedupe_returns_the_original_seq() {
-                c::dedupe_returns_the_original_seq(make(|_| {})).await
-            }
-            #[tokio::test]
-            async fn cursors_move_forward_only() {
-                c::cursors_move_forward_only(make(|_| {})).await
-            }
-            #[tokio::test]
-            async fn groups() {
-                c::groups(make(|_| {})).await
-            }
-            #[tokio::test]
-            async fn revocation() {
-                c::revocation(make(|_| {})).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn concurrent_appends_leave_no_gap() {
-                c::concurrent_appends_leave_no_gap(make(|_| {})).await
-            }
-            #[tokio::test]
-            async fn presence_and_routes() {
-                c::presence_and_routes(make(|_| {})).await
-            }
-            #[tokio::test]
-            async fn users_are_independent() {
-                c::users_are_independent(make(|_| {})).await
-            }
+
+            case!(seq_is_dense_and_epoch_stable, |_| {});
+            case!(read_after_order_limit_and_fields, |_| {});
+            case!(trimmed_by_inbox_max, |s| s.state.inbox_max = 5);
+            case!(dedupe_returns_the_original_seq, |_| {});
+            case!(cursors_move_forward_only, |_| {});
+            case!(groups, |_| {});
+            case!(revocation, |_| {});
+            case!(concurrent_appends_leave_no_gap, |_| {});
+            case!(presence_and_routes, |_| {});
+            case!(users_are_independent, |_| {});
+            case!(device_cursors_are_bounded_least_recently_acked_first, |s| {
+                s.max_devices = 3
+            });
+            case!(an_ack_without_a_device_moves_the_user_cursor_only, |s| {
+                s.max_devices = 1
+            });
+            case!(dedupe_window_expires, |s| {
+                s.state.dedupe_window = std::time::Duration::from_millis(300)
+            });
+            case!(entries_expire_after_the_ttl, |s| {
+                s.state.inbox_ttl = std::time::Duration::from_millis(500)
+            });
+            case!(a_lost_inbox_gets_a_new_epoch, |s| {
+                s.state.inbox_ttl = std::time::Duration::from_millis(300);
+                s.state.dedupe_window = std::time::Duration::from_millis(100);
+            });
+            case!(resume_answers_head_cursors_and_first_batch, |_| {});
+            case!(append_many_in_order, |_| {});
+            case!(presence_many_in_order, |_| {});
         }
     };
 }

@@ -63,7 +63,13 @@ impl<S: State> State for Instrumented<S> {
             .await
     }
 
-    async fn ack(&self, user: &str, device: &str, epoch: &str, seq: u64) -> Result<(), StateError> {
+    async fn ack(
+        &self,
+        user: &str,
+        device: Option<&str>,
+        epoch: &str,
+        seq: u64,
+    ) -> Result<(), StateError> {
         self.timed("ack", self.inner.ack(user, device, epoch, seq))
             .await
     }
@@ -117,5 +123,40 @@ impl<S: State> State for Instrumented<S> {
 
     async fn ping(&self) -> Result<(), StateError> {
         self.inner.ping().await
+    }
+
+    async fn maintain(&self, instance: &str) -> Result<(), StateError> {
+        self.timed("maintain", self.inner.maintain(instance)).await
+    }
+
+    async fn resume(
+        &self,
+        user: &str,
+        device: Option<&str>,
+        since: Option<&str>,
+        limit: usize,
+    ) -> Result<Resumed, StateError> {
+        self.timed("resume", self.inner.resume(user, device, since, limit))
+            .await
+    }
+
+    async fn append_many(
+        &self,
+        users: &[String],
+        msg: &NewMessage,
+    ) -> Vec<Result<Appended, StateError>> {
+        let started = tokio::time::Instant::now();
+        let out = self.inner.append_many(users, msg).await;
+        let backend = self.inner.backend();
+        metrics::state_op(backend, "append_many", started.elapsed().as_secs_f64());
+        for _ in out.iter().filter(|r| r.is_err()) {
+            metrics::state_error(backend, "append_many");
+        }
+        out
+    }
+
+    async fn presence_many(&self, users: &[String]) -> Result<Vec<Vec<Presence>>, StateError> {
+        self.timed("presence", self.inner.presence_many(users))
+            .await
     }
 }

@@ -6,7 +6,7 @@
 //! id, dedupe included (`cargo run --release --example state_bench`).
 
 use bytes::Bytes;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::hash::BuildHasher;
 
 use foldhash::fast::RandomState;
@@ -17,7 +17,6 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use super::*;
-use crate::config::StateConfig;
 
 const SHARDS: usize = 64;
 
@@ -32,7 +31,7 @@ struct UserRecord {
     epoch: String,
     head: u64,
     entries: VecDeque<Entry>,
-    devices: Vec<(String, u64)>,
+    devices: Devices,
     user_cursor: u64,
     dedupe: HashMap<String, (u64, Instant), RandomState>,
     dedupe_prune_at: usize,
@@ -45,7 +44,7 @@ impl UserRecord {
             epoch: format!("{:08x}", rand::random::<u32>()),
             head: 0,
             entries: VecDeque::new(),
-            devices: Vec::new(),
+            devices: Devices::default(),
             user_cursor: 0,
             dedupe: HashMap::default(),
             dedupe_prune_at: 64,
@@ -70,6 +69,46 @@ impl UserRecord {
     }
 }
 
+/// Device cursors, bounded by `sessions.max_devices`: an ack costs O(log n), and the least
+/// recently acked device is the first of `order`.
+#[derive(Default)]
+struct Devices {
+    /// device → (cursor, tick of its latest ack)
+    cursors: HashMap<String, (u64, u64), RandomState>,
+    /// tick → device, oldest ack first
+    order: BTreeMap<u64, String>,
+    tick: u64,
+}
+
+impl Devices {
+    fn get(&self, device: &str) -> Option<u64> {
+        self.cursors.get(device).map(|(seq, _)| *seq)
+    }
+
+    fn ack(&mut self, device: &str, seq: u64, max: usize) {
+        self.tick += 1;
+        let tick = self.tick;
+        match self.cursors.get_mut(device) {
+            Some((cur, at)) => {
+                *cur = (*cur).max(seq);
+                let name = self.order.remove(at).unwrap_or_else(|| device.to_string());
+                *at = tick;
+                self.order.insert(tick, name);
+            }
+            None => {
+                self.cursors.insert(device.to_string(), (seq, tick));
+                self.order.insert(tick, device.to_string());
+                while self.cursors.len() > max {
+                    let Some((_, oldest)) = self.order.pop_first() else {
+                        break;
+                    };
+                    self.cursors.remove(&oldest);
+                }
+            }
+        }
+    }
+}
+
 /// One user's revocations.
 #[derive(Default)]
 struct Revoked {
@@ -91,10 +130,12 @@ pub struct MemoryState {
     inbox_max: usize,
     ttl: Duration,
     dedupe_window: Duration,
+    max_devices: usize,
 }
 
 impl MemoryState {
-    pub fn new(cfg: &StateConfig) -> MemoryState {
+    pub fn new(settings: &Settings) -> MemoryState {
+        let cfg = &settings.state;
         MemoryState {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::default(),
@@ -104,6 +145,7 @@ impl MemoryState {
             inbox_max: cfg.inbox_max.max(1),
             ttl: cfg.inbox_ttl,
             dedupe_window: cfg.dedupe_window,
+            max_devices: settings.max_devices.max(1),
         }
     }
 
@@ -242,24 +284,26 @@ impl State for MemoryState {
 
     async fn cursors(&self, user: &str, device: &str) -> Result<Cursors, StateError> {
         Ok(self.with_user(user, |rec, _| Cursors {
-            device: rec
-                .devices
-                .iter()
-                .find(|(d, _)| d == device)
-                .map(|(_, s)| *s),
+            device: rec.devices.get(device),
             user: rec.user_cursor,
         }))
     }
 
-    async fn ack(&self, user: &str, device: &str, epoch: &str, seq: u64) -> Result<(), StateError> {
+    async fn ack(
+        &self,
+        user: &str,
+        device: Option<&str>,
+        epoch: &str,
+        seq: u64,
+    ) -> Result<(), StateError> {
+        let max = self.max_devices;
         self.with_user(user, |rec, _| {
             if rec.epoch != epoch {
                 return;
             }
             let seq = seq.min(rec.head);
-            match rec.devices.iter_mut().find(|(d, _)| d == device) {
-                Some((_, s)) => *s = (*s).max(seq),
-                None => rec.devices.push((device.to_string(), seq)),
+            if let Some(device) = device {
+                rec.devices.ack(device, seq, max);
             }
             rec.user_cursor = rec.user_cursor.max(seq);
         });
@@ -381,20 +425,29 @@ impl State for MemoryState {
     async fn ping(&self) -> Result<(), StateError> {
         Ok(())
     }
+
+    async fn maintain(&self, _instance: &str) -> Result<(), StateError> {
+        self.sweep();
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::contract;
 
-    crate::state_contract_tests!(|cfg: &StateConfig| MemoryState::new(cfg));
+    async fn memory(s: Settings) -> contract::Fixture {
+        contract::Fixture::new(MemoryState::new(&s), ())
+    }
 
-    fn cfg() -> StateConfig {
-        StateConfig {
-            inbox_ttl: Duration::from_secs(60),
-            dedupe_window: Duration::from_secs(30),
-            ..StateConfig::default()
-        }
+    crate::state_contract_tests!(memory);
+
+    fn cfg() -> Settings {
+        let mut s = Settings::default();
+        s.state.inbox_ttl = Duration::from_secs(60);
+        s.state.dedupe_window = Duration::from_secs(30);
+        s
     }
 
     fn msg(id: &str) -> NewMessage {
@@ -435,45 +488,6 @@ mod tests {
         );
         let at = stored.as_ptr() as usize;
         assert!(at < lo || at >= hi, "the entry shares the 8 KiB buffer");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn entries_expire_after_the_ttl() {
-        let s = MemoryState::new(&cfg());
-        s.append("u", msg("a")).await.unwrap();
-        tokio::time::advance(Duration::from_secs(40)).await;
-        s.append("u", msg("b")).await.unwrap();
-        tokio::time::advance(Duration::from_secs(30)).await;
-        let r = s.read_after("u", 0, 10).await.unwrap();
-        assert_eq!(
-            r.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
-            vec![2]
-        );
-        assert!(r.trimmed);
-        assert_eq!(r.head_seq, 2);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn dedupe_window_expires() {
-        let s = MemoryState::new(&cfg());
-        assert!(!s.append("u", msg("same")).await.unwrap().duplicate);
-        assert!(s.append("u", msg("same")).await.unwrap().duplicate);
-        tokio::time::advance(Duration::from_secs(31)).await;
-        let again = s.append("u", msg("same")).await.unwrap();
-        assert_eq!((again.seq, again.duplicate), (2, false));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn sweep_forgets_idle_users_and_a_new_inbox_gets_a_new_epoch() {
-        let s = MemoryState::new(&cfg());
-        let first = s.append("u", msg("a")).await.unwrap();
-        s.head("idle").await.unwrap();
-        tokio::time::advance(Duration::from_secs(61)).await;
-        s.sweep();
-        assert_eq!(s.stats(), (0, 0));
-        let again = s.append("u", msg("b")).await.unwrap();
-        assert_eq!(again.seq, 1);
-        assert_ne!(again.epoch, first.epoch, "the inbox was lost: a new epoch");
     }
 
     #[tokio::test(start_paused = true)]

@@ -5,14 +5,81 @@
 pub mod contract;
 pub mod instrumented;
 pub mod memory;
+pub mod redis;
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::config::{Config, StateConfig};
+
+/// A failed state operation. Pushes that hit one fail with UNAVAILABLE; the cause is kept
+/// for logs and for the gRPC status message.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StateError {
-    /// The store could not be reached or answered an error: pushes fail with UNAVAILABLE.
-    #[error("state store unavailable: {0}")]
-    Unavailable(String),
+    /// The store could not be reached or answered an error.
+    #[error("state store unavailable ({op})")]
+    Unavailable {
+        op: &'static str,
+        /// `Arc` so the error stays `Clone` (a batch reports one cause for many users).
+        #[source]
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
+    /// The store did not answer within `state.timeout`.
+    #[error("state store did not answer within {after:?} ({op})")]
+    Timeout { op: &'static str, after: Duration },
+}
+
+impl StateError {
+    pub fn unavailable(
+        op: &'static str,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> StateError {
+        StateError::Unavailable {
+            op,
+            source: Arc::new(source),
+        }
+    }
+
+    /// This error and its causes, `: `-separated (for the gRPC status and logs).
+    pub fn chain(&self) -> String {
+        let mut out = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            out.push_str(": ");
+            out.push_str(&c.to_string());
+            cause = c.source();
+        }
+        out
+    }
+}
+
+/// What a backend is built from: the `[state]` section, plus what other sections say the
+/// store enforces (`sessions.max_devices`, how long a revocation matters).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub state: StateConfig,
+    pub max_devices: usize,
+    /// How long a revocation matters: no accepted token lives longer
+    /// (`auth.max_token_lifetime` plus the leeway).
+    pub revocation_ttl: Duration,
+}
+
+impl Settings {
+    pub fn from_config(cfg: &Config) -> Settings {
+        Settings {
+            state: cfg.state.clone(),
+            max_devices: cfg.sessions.max_devices,
+            revocation_ttl: cfg.auth.max_token_lifetime + cfg.auth.leeway,
+        }
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings::from_config(&Config::default())
+    }
 }
 
 /// A message to append to a user's inbox.
@@ -135,8 +202,17 @@ pub trait State: Send + Sync + 'static {
     async fn cursors(&self, user: &str, device: &str) -> Result<Cursors, StateError>;
 
     /// Record a cumulative ack. Ignored when `epoch` is not the current one; cursors only
-    /// move forward and never past the head.
-    async fn ack(&self, user: &str, device: &str, epoch: &str, seq: u64) -> Result<(), StateError>;
+    /// move forward and never past the head. The user cursor always moves; the device's
+    /// only for a device that keeps one (`None`: a device id the gateway made up). At most
+    /// `sessions.max_devices` device cursors are kept per user: beyond it the least
+    /// recently acked device's cursor is forgotten.
+    async fn ack(
+        &self,
+        user: &str,
+        device: Option<&str>,
+        epoch: &str,
+        seq: u64,
+    ) -> Result<(), StateError>;
 
     /// Change a group's members; returns the member count after the change.
     async fn set_group_members(
@@ -176,4 +252,93 @@ pub trait State: Send + Sync + 'static {
 
     /// Whether the store answers (feeds `imgate_state_up`).
     async fn ping(&self) -> Result<(), StateError>;
+
+    /// Periodic upkeep, run by every instance (every few seconds, and once at start before
+    /// it serves): the memory backend drops expired entries and idle users; the Redis one
+    /// marks `instance` alive, which keeps its presence visible (presence of an instance
+    /// that stops calling this disappears after `state.presence_ttl`).
+    async fn maintain(&self, _instance: &str) -> Result<(), StateError> {
+        Ok(())
+    }
+
+    /// Everything a connecting device needs, in one call (one round trip on a remote
+    /// store): the head, the cursors, and the first replay batch after the resume point
+    /// (`since` when given, else the device cursor, else the user cursor; see
+    /// [`resume_point`]).
+    async fn resume(
+        &self,
+        user: &str,
+        device: Option<&str>,
+        since: Option<&str>,
+        limit: usize,
+    ) -> Result<Resumed, StateError> {
+        let head = self.head(user).await?;
+        // A device without a cursor of its own (a generated id) still resumes after the
+        // user's cursor.
+        let mut cursors = self.cursors(user, device.unwrap_or("")).await?;
+        if device.is_none() {
+            cursors.device = None;
+        }
+        let (after, _) = resume_point(&head, cursors, since);
+        let range = self.read_after(user, after, limit).await?;
+        Ok(Resumed {
+            head,
+            cursors,
+            after,
+            range,
+        })
+    }
+
+    /// Append the same message to many users' inboxes (PushToUsers, PushToGroup). One
+    /// result per user, in order. The default loops; a remote store pipelines.
+    async fn append_many(
+        &self,
+        users: &[String],
+        msg: &NewMessage,
+    ) -> Vec<Result<Appended, StateError>> {
+        let mut out = Vec::with_capacity(users.len());
+        for u in users {
+            out.push(self.append(u, msg.clone()).await);
+        }
+        out
+    }
+
+    /// The connections of many users (GetUserStatus), in order. The default loops; a remote
+    /// store pipelines.
+    async fn presence_many(&self, users: &[String]) -> Result<Vec<Vec<Presence>>, StateError> {
+        let mut out = Vec::with_capacity(users.len());
+        for u in users {
+            out.push(self.presence(u).await?);
+        }
+        Ok(out)
+    }
+}
+
+/// What [`State::resume`] answers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resumed {
+    pub head: InboxHead,
+    pub cursors: Cursors,
+    /// The resume point `range` was read after.
+    pub after: u64,
+    pub range: InboxRange,
+}
+
+/// Where a connecting device resumes (SPEC §5), and whether the replay can be complete:
+/// after `since` when it names the current epoch; from the start of the current epoch,
+/// incomplete, when it names another; else after the device cursor, else after the user
+/// cursor (offline messages reach whichever device connects first; a new device does not
+/// get the whole history).
+pub fn resume_point(head: &InboxHead, cursors: Cursors, since: Option<&str>) -> (u64, bool) {
+    match since.map(parse_position) {
+        Some(Some((epoch, seq))) if epoch == head.epoch => (seq.min(head.head_seq), true),
+        Some(_) => (0, false),
+        None => (cursors.device.unwrap_or(cursors.user), true),
+    }
+}
+
+/// `<epoch>:<seq>`. The epoch is opaque and may itself hold colons, so split at the last.
+pub fn parse_position(s: &str) -> Option<(&str, u64)> {
+    let (epoch, seq) = s.rsplit_once(':')?;
+    Some((epoch, seq.parse().ok()?))
 }

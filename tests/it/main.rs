@@ -1,5 +1,4 @@
 //! Behaviour tests against an in-process gateway with real clients over loopback.
-
 mod auth;
 mod cli;
 mod codec;
@@ -11,4 +10,5 @@ mod ops;
 mod policy;
 mod python;
 mod revocation;
+mod state;
 mod webtransport;

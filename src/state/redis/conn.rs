@@ -1,0 +1,140 @@
+//! The connection to Redis, and the rules of `state.redis_url`: one URL for a single
+//! server (a `ConnectionManager`, which reconnects by itself), several comma-separated seed
+//! URLs for Redis Cluster (the async cluster client, which follows the slot map).
+
+use std::time::Duration;
+
+use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use ::redis::cluster_async::ClusterConnection;
+use ::redis::{Cmd, IntoConnectionInfo, Pipeline, RedisFuture, Value};
+
+use crate::config::StateConfig;
+use crate::state::StateError;
+
+/// The seed URLs of `state.redis_url`: one URL for a single server, several
+/// (comma-separated) for Redis Cluster.
+pub fn parse_urls(urls: &str) -> Result<Vec<String>, String> {
+    let list: Vec<String> = urls
+        .split(',')
+        .map(|u| u.trim().to_string())
+        .filter(|u| !u.is_empty())
+        .collect();
+    if list.is_empty() {
+        return Err("required with backend = \"redis\": redis://host:port, rediss:// for TLS, comma-separated seed URLs for Redis Cluster".into());
+    }
+    for u in &list {
+        if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
+            return Err(format!(
+                "{}: redis:// or rediss:// URLs (comma-separated for a cluster)",
+                redacted(u)
+            ));
+        }
+        if let Err(e) = u.as_str().into_connection_info() {
+            return Err(format!("{}: {e}", redacted(u)));
+        }
+    }
+    Ok(list)
+}
+
+/// A URL without its password, for messages.
+pub(super) fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://…@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+/// A connection to a single server or to a cluster; cheap to clone (both multiplex).
+#[derive(Clone)]
+pub(super) enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct BadUrl(String);
+
+/// Open the connection `cfg` describes. A single server is connected lazily (the gateway
+/// starts, and reports the store down, while Redis is away); a cluster needs its slot map,
+/// so at least one seed must answer now.
+pub(super) async fn open(cfg: &StateConfig) -> Result<Conn, StateError> {
+    let urls =
+        parse_urls(&cfg.redis_url).map_err(|e| StateError::unavailable("connect", BadUrl(e)))?;
+    let certs = if cfg.redis_ca_file.is_empty() {
+        None
+    } else {
+        let pem =
+            std::fs::read(&cfg.redis_ca_file).map_err(|e| StateError::unavailable("connect", e))?;
+        Some(::redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem),
+        })
+    };
+    let conn = if urls.len() == 1 {
+        let client = match certs {
+            Some(certs) => ::redis::Client::build_with_tls(urls[0].as_str(), certs),
+            None => ::redis::Client::open(urls[0].as_str()),
+        }
+        .map_err(|e| StateError::unavailable("connect", e))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(cfg.timeout))
+            .set_response_timeout(Some(cfg.timeout))
+            // Reconnect attempts back off up to a second, and keep going: the store
+            // coming back must be noticed without a restart.
+            .set_number_of_retries(3)
+            .set_max_delay(Duration::from_secs(1));
+        Conn::Single(
+            ConnectionManager::new_lazy_with_config(client, config)
+                .map_err(|e| StateError::unavailable("connect", e))?,
+        )
+    } else {
+        let mut builder = ::redis::cluster::ClusterClient::builder(urls)
+            .connection_timeout(cfg.timeout)
+            .response_timeout(cfg.timeout)
+            .retries(2);
+        if let Some(certs) = certs {
+            builder = builder.certs(certs);
+        }
+        let client = builder
+            .build()
+            .map_err(|e| StateError::unavailable("connect", e))?;
+        let conn = tokio::time::timeout(cfg.timeout * 5, client.get_async_connection())
+            .await
+            .map_err(|_| StateError::Timeout {
+                op: "connect",
+                after: cfg.timeout * 5,
+            })?
+            .map_err(|e| StateError::unavailable("connect", e))?;
+        Conn::Cluster(conn)
+    };
+    Ok(conn)
+}
