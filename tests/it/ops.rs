@@ -317,3 +317,45 @@ async fn operations_doc_lists_every_exported_metric_and_reason() {
     }
     assert!(exported > 20, "{exported} metrics exported");
 }
+
+/// `imgate_certificate_expiry_seconds` tells an SRE how long the certificate a client is
+/// served now has left: the generated dev certificate (rotated by the gateway, under 14
+/// days) and configured files each under their own `source`.
+#[tokio::test]
+async fn certificate_expiry_counts_down_to_the_served_certificate() {
+    let day = 86400.0;
+    let gw = TestGateway::start().await;
+    let (_, text) = gw.http_get(gw.ops, "/metrics").await;
+    let left = metric(
+        &text,
+        "imgate_certificate_expiry_seconds",
+        &[("source", "generated")],
+    );
+    let served = gw.gw().certs.as_ref().unwrap().current();
+    let expected = served.seconds_left(std::time::SystemTime::now());
+    assert!(
+        (left - expected).abs() < 60.0 && left > 12.0 * day && left < 14.0 * day,
+        "generated certificate: {left} s left, expected {expected}"
+    );
+
+    let dir = std::env::temp_dir().join(format!("imgate-cert-expiry-{}", std::process::id()));
+    let (cert, key) = imgate::tls::write_dev_cert(&dir).unwrap();
+    let files = TestGateway::with(|c| {
+        c.tls.cert_file = cert.display().to_string();
+        c.tls.key_file = key.display().to_string();
+    })
+    .await;
+    let served = files.gw().certs.as_ref().unwrap().current();
+    let (_, text) = files.http_get(files.ops, "/metrics").await;
+    let left = metric(
+        &text,
+        "imgate_certificate_expiry_seconds",
+        &[("source", "file")],
+    );
+    let expected = served.seconds_left(std::time::SystemTime::now());
+    assert!(
+        (left - expected).abs() < 60.0 && left > 12.0 * day,
+        "certificate files: {left} s left, expected {expected}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
