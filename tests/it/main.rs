@@ -1,5 +1,6 @@
 //! Behaviour tests against an in-process gateway with real clients over loopback.
 
+mod alerts;
 mod auth;
 mod cli;
 mod codec;
