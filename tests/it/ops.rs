@@ -241,7 +241,7 @@ async fn grpc_api_that_cannot_start_stops_the_start() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// Every metric the dashboard (dashboards/imgate.json) or an alert rule
+/// Every metric a dashboard (each JSON under dashboards/) or an alert rule
 /// (dashboards/alerts.yml) reads is one a running gateway exports: a renamed metric breaks
 /// this test, not an SRE's panel or page.
 #[tokio::test]
@@ -249,17 +249,12 @@ async fn dashboards_and_rules_query_exported_metrics() {
     let gw = TestGateway::start().await;
     let (_, text) = gw.http_get(gw.ops, "/metrics").await;
     let mut sources = Vec::new();
-    let dash: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(crate::alerts::repo("dashboards/imgate.json")).unwrap(),
-    )
-    .expect("valid JSON");
-    for panel in dash["panels"].as_array().unwrap() {
-        for t in panel["targets"].as_array().into_iter().flatten() {
-            sources.push((
-                "imgate.json".to_string(),
-                t["expr"].as_str().unwrap().to_string(),
-            ));
-        }
+    let dashboards = crate::grafana::dashboards();
+    assert!(dashboards.len() >= 2, "imgate.json and cluster.json");
+    for (file, dash) in dashboards {
+        let exprs = crate::grafana::exprs(&dash);
+        assert!(exprs.len() > 10, "{file}: {} queries", exprs.len());
+        sources.extend(exprs.into_iter().map(|e| (file.clone(), e)));
     }
     for rule in crate::alerts::rules() {
         let name = rule["alert"].as_str().or(rule["record"].as_str()).unwrap();
