@@ -145,3 +145,31 @@ fn every_alert_has_a_severity_a_summary_a_runbook_and_unit_tests() {
     }
     assert!(alerts >= 15, "{alerts} alerts");
 }
+
+/// A recorded series an alert reads (`imgate:…`) is recorded by a rule of the same file:
+/// an alert on a series nobody records never fires.
+#[test]
+fn recorded_series_the_alerts_read_are_recorded() {
+    let rules = rules();
+    let recorded: Vec<&str> = rules.iter().filter_map(|r| r["record"].as_str()).collect();
+    let mut read = 0;
+    for rule in &rules {
+        let expr = rule["expr"].as_str().unwrap();
+        for (i, _) in expr.match_indices("imgate:") {
+            let name: String = expr[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == ':')
+                .collect();
+            assert!(
+                recorded.contains(&name.as_str()),
+                "{} reads {name}, which no rule records",
+                rule["alert"]
+            );
+            read += 1;
+        }
+    }
+    assert!(
+        read > 0,
+        "ImgateInstancesBelowExpected reads imgate:instances:expected"
+    );
+}
