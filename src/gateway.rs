@@ -306,6 +306,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         ));
     }
     if let Some(certs) = &gw.certs {
+        // Exported from start, like every series; each scrape refreshes it.
+        certs.publish_expiry();
         background.spawn(certs.spawn_maintenance(stop_background.clone()));
     }
     background.spawn(maintenance(gw.clone(), stop_background.clone()));

@@ -140,6 +140,23 @@ impl CertIdentity {
             .collect()
     }
 
+    /// Seconds from `now` until this certificate expires, negative once it has.
+    pub fn seconds_left(&self, now: SystemTime) -> f64 {
+        match self.not_after.duration_since(now) {
+            Ok(d) => d.as_secs_f64(),
+            Err(e) => -e.duration().as_secs_f64(),
+        }
+    }
+
+    /// `generated` for the dev certificate, `file` for configured PEM files.
+    pub fn source(&self) -> &'static str {
+        if self.generated {
+            "generated"
+        } else {
+            "file"
+        }
+    }
+
     fn hash_json(&self) -> serde_json::Value {
         serde_json::json!({
             "sha256_hex": self.sha256.iter().map(|b| format!("{b:02x}")).collect::<String>(),
@@ -221,6 +238,15 @@ impl CertStore {
 
     pub fn current(&self) -> Arc<CertIdentity> {
         self.current.load_full()
+    }
+
+    /// Set `imgate_certificate_expiry_seconds` from the certificate served now.
+    pub fn publish_expiry(&self) {
+        let current = self.current();
+        crate::ops::metrics::certificate_expiry(
+            current.source(),
+            current.seconds_left(SystemTime::now()),
+        );
     }
 
     /// A server config that always presents the current identity.

@@ -201,6 +201,11 @@ fn describe() {
         "imgate_status_changes_dropped_total",
         "Presence changes dropped while the backend was away"
     );
+    describe_gauge!(
+        "imgate_certificate_expiry_seconds",
+        Unit::Seconds,
+        "Seconds until the served TLS certificate expires, by source (file or generated)"
+    );
     describe_gauge!("imgate_build_info", "Build information");
 }
 
@@ -495,6 +500,14 @@ pub fn wt_datagram(direction: &'static str) {
 
 pub fn wt_datagram_dropped(reason: &'static str) {
     counter!("imgate_webtransport_datagrams_dropped_total", "reason" => reason).increment(1);
+}
+
+/// Seconds until the served certificate expires (negative once it has). `source` is `file`
+/// (configured PEM files) or `generated` (the dev certificate, rotated by the gateway). Not
+/// touched at zero: an instance that serves no TLS has no certificate to count down, and a
+/// zero would read as "expired".
+pub fn certificate_expiry(source: &'static str, seconds: f64) {
+    gauge!("imgate_certificate_expiry_seconds", "source" => source).set(seconds);
 }
 
 pub fn draining(on: bool) {

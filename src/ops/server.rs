@@ -41,11 +41,21 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, stop: CancellationTo
 
 fn route(gw: &Gateway, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
-        "/metrics" => respond(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            gw.metrics.render(),
-        ),
+        "/metrics" => {
+            // The certificate gauge is set at each scrape so that it counts down between
+            // rotations and reloads. The registry is process-wide: the lock keeps a process
+            // that hosts several gateways (the tests) from rendering another one's value.
+            static RENDER: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
+            let _one_at_a_time = RENDER.lock();
+            if let Some(certs) = &gw.certs {
+                certs.publish_expiry();
+            }
+            respond(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                gw.metrics.render(),
+            )
+        }
         "/healthz" => {
             let body = serde_json::json!({
                 "status": "ok",

@@ -382,7 +382,6 @@ impl WtSession {
     }
 }
 
-
 fn write_err(e: quinn::WriteError) -> SessionError {
     SessionError::Io(e.to_string())
 }

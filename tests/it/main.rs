@@ -1,13 +1,17 @@
 //! Behaviour tests against an in-process gateway with real clients over loopback.
+
+mod alerts;
 mod auth;
 mod cli;
 mod codec;
 mod common;
 mod delivery;
+mod grafana;
 mod grpc;
 mod limits;
 mod ops;
 mod policy;
+mod prometheus;
 mod python;
 mod revocation;
 mod state;
