@@ -43,6 +43,7 @@ pub struct Config {
     pub listen: ListenConfig,
     pub instance: InstanceConfig,
     pub state: StateConfig,
+    pub cluster: ClusterConfig,
     pub upstream: UpstreamConfig,
     pub auth: AuthConfig,
     pub grpc: GrpcConfig,
@@ -100,13 +101,31 @@ pub struct StateConfig {
     /// Bound on every state operation: a dead store answers UNAVAILABLE this fast.
     #[serde(with = "duration")]
     pub timeout: Duration,
-    /// Redis: presence of an instance that stopped refreshing it (it died) disappears after
-    /// this long. Refreshed every `presence_ttl / 3` (at most every 5 s).
-    #[serde(with = "duration")]
-    pub presence_ttl: Duration,
     /// The prod profile refuses `backend = "memory"` unless this says that losing every
     /// inbox, cursor, group and revocation on restart is accepted (one instance, no Redis).
     pub memory_in_prod: bool,
+}
+
+/// `[cluster]` (SPEC §11): how instances sharing a Redis know each other.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Every instance refreshes its registration this often; it is also the period of the
+    /// inbox-head check that makes up for a lost bus notification.
+    #[serde(with = "duration")]
+    pub heartbeat: Duration,
+    /// An instance silent this long is dead: the others remove its presence and routes.
+    #[serde(with = "duration")]
+    pub instance_ttl: Duration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            heartbeat: Duration::from_secs(2),
+            instance_ttl: Duration::from_secs(10),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -305,6 +324,7 @@ impl Default for Config {
             listen: ListenConfig::default(),
             instance: InstanceConfig::default(),
             state: StateConfig::default(),
+            cluster: ClusterConfig::default(),
             upstream: UpstreamConfig::default(),
             auth: AuthConfig::default(),
             grpc: GrpcConfig::default(),
@@ -343,7 +363,6 @@ impl Default for StateConfig {
             redis_ca_file: String::new(),
             key_prefix: "imgate:".into(),
             timeout: Duration::from_secs(1),
-            presence_ttl: Duration::from_secs(30),
             memory_in_prod: false,
         }
     }
@@ -672,7 +691,8 @@ impl Config {
             ("limits.write_timeout", self.limits.write_timeout),
             ("upstream.timeout", self.upstream.timeout),
             ("state.timeout", self.state.timeout),
-            ("state.presence_ttl", self.state.presence_ttl),
+            ("cluster.heartbeat", self.cluster.heartbeat),
+            ("cluster.instance_ttl", self.cluster.instance_ttl),
         ] {
             if d.is_zero() {
                 return Err(invalid(key, "must be greater than 0"));
@@ -682,6 +702,14 @@ impl Config {
             return Err(invalid(
                 "sessions.idle_timeout",
                 "must be longer than sessions.heartbeat",
+            ));
+        }
+        if self.cluster.instance_ttl < self.cluster.heartbeat * 2 {
+            // One late heartbeat (a busy Redis, a GC-less but descheduled process) would
+            // declare a live instance dead and have the others drop its presence.
+            return Err(invalid(
+                "cluster.instance_ttl",
+                "must be at least twice cluster.heartbeat",
             ));
         }
         if self.shutdown.drain_window >= self.shutdown.timeout {

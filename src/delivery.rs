@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::cluster::Cluster;
 use crate::hub::{Hub, PushItem};
 use crate::protocol::Push;
 use crate::state::{Appended, NewMessage, State, StateError};
@@ -25,8 +26,11 @@ pub struct PushOutcome {
     /// Durable pushes: the seq and epoch the message is stored under.
     pub seq: u64,
     pub epoch: String,
-    /// Connections the push was handed to.
+    /// Connections of this instance the push was handed to (those on other instances are
+    /// reached over the bus, uncounted).
     pub delivered: u32,
+    /// Durable: the user has a connection on some instance. Transient: on this one (the
+    /// bus carries it to the others without asking where the user is).
     pub online: bool,
     /// The id was already stored within the dedupe window: not stored or delivered again.
     pub duplicate: bool,
@@ -35,6 +39,8 @@ pub struct PushOutcome {
 pub struct Delivery {
     hub: Arc<Hub>,
     state: Arc<dyn State>,
+    /// With Redis: pushes for users connected to other instances go over the bus.
+    cluster: Option<Arc<Cluster>>,
 }
 
 /// A fresh message id: 128 random bits, hex.
@@ -48,7 +54,17 @@ fn opt(s: &str) -> Option<String> {
 
 impl Delivery {
     pub fn new(hub: Arc<Hub>, state: Arc<dyn State>) -> Delivery {
-        Delivery { hub, state }
+        Delivery {
+            hub,
+            state,
+            cluster: None,
+        }
+    }
+
+    /// Route to the other instances of a cluster too.
+    pub fn with_cluster(mut self, cluster: Arc<Cluster>) -> Delivery {
+        self.cluster = Some(cluster);
+        self
     }
 
     /// Store in the user's inbox, then hand to every connected device. Succeeds only once
@@ -111,7 +127,13 @@ impl Delivery {
                 epoch: Some(stored.epoch.clone()),
             });
             let delivered = self.hub.deliver(user, &item);
-            (delivered.is_some(), delivered.unwrap_or(0))
+            // Other instances holding the user (the store said so with the seq) get it over
+            // the bus; if that message is lost, their inbox-head check delivers it.
+            let remote = self
+                .cluster
+                .as_ref()
+                .is_some_and(|c| c.route(user, &item.push, &stored.routes));
+            (delivered.is_some() || remote, delivered.unwrap_or(0))
         };
         PushOutcome {
             message_id: id.to_string(),
@@ -127,6 +149,9 @@ impl Delivery {
     pub fn push_transient(&self, user: &str, msg: OutMessage) -> PushOutcome {
         let item = Self::transient_item(msg);
         let delivered = self.hub.deliver(user, &item);
+        if let Some(c) = &self.cluster {
+            c.push_everywhere(user, &item.push);
+        }
         PushOutcome {
             message_id: item.push.id.clone(),
             seq: 0,
@@ -138,8 +163,14 @@ impl Delivery {
     }
 
     /// Transient, to every connection on this instance; encoded once.
+    /// With a cluster, every other instance does the same with what the bus brings it;
+    /// the count is this instance's connections.
     pub fn broadcast(&self, msg: OutMessage) -> u32 {
-        self.hub.broadcast(&Self::transient_item(msg))
+        let item = Self::transient_item(msg);
+        if let Some(c) = &self.cluster {
+            c.broadcast(&item.push);
+        }
+        self.hub.broadcast(&item)
     }
 
     fn transient_item(msg: OutMessage) -> Arc<PushItem> {

@@ -14,6 +14,7 @@ use tracing::{debug, info, warn};
 
 use crate::auth::handshake::{OriginPolicy, TrustedProxies};
 use crate::auth::Authenticator;
+use crate::cluster::{Cluster, Local};
 use crate::config::{Config, Profile, StateBackend};
 use crate::delivery::Delivery;
 use crate::hub::Hub;
@@ -36,6 +37,8 @@ pub struct Gateway {
     pub hub: Arc<Hub>,
     pub state: Arc<dyn State>,
     pub delivery: Arc<Delivery>,
+    /// With Redis: the other instances (bus, registry).
+    pub cluster: Option<Arc<Cluster>>,
     pub upstream: Upstream,
     /// Presence changes for the business backend (`upstream.mode = "grpc"`).
     pub status: Option<crate::grpc::business::StatusNotifier>,
@@ -83,14 +86,14 @@ impl Gateway {
         device: Option<&str>,
         reason: &str,
     ) -> Result<u32, crate::state::StateError> {
-        // The revocation is recorded before the hub is asked for the connections: a session
-        // that registers after `hub.kick` looked checks it (session::serve).
-        self.revoke_tokens(user, device).await?;
         let reason = if reason.is_empty() {
             CloseCode::Kicked.reason()
         } else {
             reason
         };
+        // The revocation is recorded before the hub is asked for the connections: a session
+        // that registers after `hub.kick` looked checks it (session::serve).
+        self.revoke(user, device, Some(reason)).await?;
         Ok(self.hub.kick(user, device, CloseCode::Kicked, reason))
     }
 
@@ -101,8 +104,22 @@ impl Gateway {
         user: &str,
         device: Option<&str>,
     ) -> Result<u32, crate::state::StateError> {
+        self.revoke(user, device, None).await
+    }
+
+    /// Record a revocation in the store, here, and on every other instance (which also
+    /// kicks the connections concerned when `kick` gives a reason).
+    async fn revoke(
+        &self,
+        user: &str,
+        device: Option<&str>,
+        kick: Option<&str>,
+    ) -> Result<u32, crate::state::StateError> {
         let now = crate::now_ms();
         self.state.revoke(user, device, now).await?;
+        if let Some(c) = &self.cluster {
+            c.revoke(user, device, now, kick);
+        }
         Ok(self.auth.revoke(user, device, now))
     }
 }
@@ -160,14 +177,20 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         cfg.sessions.outbound_queue_bytes,
     ));
     let settings = crate::state::Settings::from_config(&cfg);
-    let state: Arc<dyn State> = match cfg.state.backend {
-        StateBackend::Memory => Arc::new(Instrumented::new(Arc::new(MemoryState::new(&settings)))),
+    let (state, cluster): (Arc<dyn State>, _) = match cfg.state.backend {
+        StateBackend::Memory => (
+            Arc::new(Instrumented::new(Arc::new(MemoryState::new(&settings)))),
+            None,
+        ),
         StateBackend::Redis => {
             let redis = RedisState::connect(&settings)
                 .await
                 .map_err(|e| anyhow::anyhow!(e.chain()))
                 .context("state.redis_url")?;
-            Arc::new(Instrumented::new(Arc::new(redis)))
+            let cluster = Cluster::new(&instance_id, &cfg.cluster, &cfg.state, &redis);
+            let c = cluster.clone();
+            hub.on_replacing(move |user, platform| c.replaced(user, platform));
+            (Arc::new(Instrumented::new(Arc::new(redis))), Some(cluster))
         }
     };
     // Mark this instance alive before it serves, so its connections' presence shows.
@@ -179,7 +202,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         }
     };
     metrics::state_up(state_up_at_start);
-    let delivery = Arc::new(Delivery::new(hub.clone(), state.clone()));
+    let delivery = Delivery::new(hub.clone(), state.clone());
+    let delivery = Arc::new(match &cluster {
+        Some(c) => delivery.with_cluster(c.clone()),
+        None => delivery,
+    });
     let (upstream, status) = match cfg.upstream.mode {
         crate::config::UpstreamMode::Relay => (Upstream::Relay(delivery.clone()), None),
         crate::config::UpstreamMode::Grpc => {
@@ -249,6 +276,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         hub,
         state,
         delivery,
+        cluster,
         upstream,
         status,
         certs,
@@ -311,6 +339,26 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         background.spawn(certs.spawn_maintenance(stop_background.clone()));
     }
     background.spawn(maintenance(gw.clone(), stop_background.clone()));
+    if let Some(cluster) = &gw.cluster {
+        // Weak: the tasks stop with the gateway, they do not keep it alive.
+        let weak = Arc::downgrade(&gw);
+        cluster.start(
+            &background,
+            stop_background.clone(),
+            Local {
+                hub: gw.hub.clone(),
+                state: gw.state.clone(),
+                revoke: Box::new(move |user, device, at_ms| {
+                    if let Some(gw) = weak.upgrade() {
+                        gw.auth.revoke(user, device, at_ms);
+                    }
+                }),
+            },
+        );
+        if !cluster.listening(gw.cfg.state.timeout * 2).await {
+            warn!("the cluster bus is not subscribed yet: serving anyway, it keeps trying");
+        }
+    }
     metrics::draining(false);
     info!(
         instance = %gw.instance_id,
@@ -332,10 +380,13 @@ fn shown(addr: Option<SocketAddr>) -> String {
     addr.map_or_else(|| "off".to_string(), |a| a.to_string())
 }
 
-/// How often the state store's upkeep runs: often enough to refresh presence well within
-/// `state.presence_ttl`, and to notice the store going down or coming back.
+/// How often the state store's upkeep runs: every `cluster.heartbeat`, which keeps this
+/// instance's presence alive well within `cluster.instance_ttl` and notices the store
+/// going down or coming back.
 fn maintenance_period(cfg: &Config) -> Duration {
-    (cfg.state.presence_ttl / 3).clamp(Duration::from_millis(100), Duration::from_secs(5))
+    cfg.cluster
+        .heartbeat
+        .clamp(Duration::from_millis(100), Duration::from_secs(5))
 }
 
 /// Periodic work: the backend's upkeep (memory: expiry; Redis: this instance's presence
@@ -420,6 +471,9 @@ impl Running {
             Ok(0) => {}
             Ok(n) => info!(removed = n, "presence left by this instance removed"),
             Err(e) => warn!(error = %e.chain(), "presence of this instance not removed"),
+        }
+        if let Some(c) = &gw.cluster {
+            c.leave().await;
         }
         info!(elapsed_ms = started.elapsed().as_millis() as u64, "drained");
     }

@@ -169,7 +169,13 @@ pub struct Hub {
     max_queue_bytes: usize,
     by_transport: [AtomicUsize; 3],
     users: AtomicUsize,
+    /// Told of every registration that replaces connections under the login policy, so
+    /// the cluster can replace the user's connections on other instances too (SPEC §6):
+    /// the user, and the platform when only that platform's connections go.
+    on_replacing: OnceLock<ReplaceHook>,
 }
+
+type ReplaceHook = Box<dyn Fn(&str, Option<&str>) + Send + Sync>;
 
 fn transport_index(t: Transport) -> usize {
     match t {
@@ -190,6 +196,7 @@ impl Hub {
             max_queue_bytes,
             by_transport: Default::default(),
             users: AtomicUsize::new(0),
+            on_replacing: OnceLock::new(),
         }
     }
 
@@ -201,6 +208,11 @@ impl Hub {
     /// removed and asked to close with 4503; `Err(4507)` when the user is at
     /// `max_per_user` under the `multi` policy.
     pub fn register(&self, handle: ConnHandle) -> Result<(), CloseCode> {
+        let (user, platform) = if self.on_replacing.get().is_some() {
+            (handle.info.user.clone(), handle.info.platform.clone())
+        } else {
+            Default::default()
+        };
         let replaced = {
             let mut shard = self.shard(&handle.info.user).lock();
             let conns = shard.entry(handle.info.user.clone()).or_default();
@@ -239,7 +251,51 @@ impl Hub {
             r.control
                 .close(CloseCode::Replaced, CloseCode::Replaced.reason());
         }
+        if let Some(hook) = self.on_replacing.get() {
+            match self.policy {
+                LoginPolicy::Multi => {}
+                LoginPolicy::OnePerPlatform => hook(&user, Some(&platform)),
+                LoginPolicy::OnePerUser => hook(&user, None),
+            }
+        }
         Ok(())
+    }
+
+    /// Set once, by the cluster (see `on_replacing`).
+    pub fn on_replacing(&self, hook: impl Fn(&str, Option<&str>) + Send + Sync + 'static) {
+        let _ = self.on_replacing.set(Box::new(hook));
+    }
+
+    /// A connection of `user` opened on another instance replaces the ones here (all of
+    /// them, or those on `platform`): they are closed with 4503.
+    pub fn replaced_elsewhere(&self, user: &str, platform: Option<&str>) -> u32 {
+        let gone: Vec<ConnHandle> = {
+            let shard = self.shard(user).lock();
+            shard
+                .get(user)
+                .map(|conns| {
+                    conns
+                        .iter()
+                        .filter(|c| platform.is_none_or(|p| c.info.platform == p))
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        for c in &gone {
+            c.control
+                .close(CloseCode::Replaced, CloseCode::Replaced.reason());
+        }
+        gone.len() as u32
+    }
+
+    /// The users with a connection here.
+    pub fn users(&self) -> Vec<String> {
+        let mut out = Vec::with_capacity(self.online_users());
+        for shard in self.shards.iter() {
+            out.extend(shard.lock().keys().cloned());
+        }
+        out
     }
 
     /// Remove a connection (no-op when the policy already removed it).

@@ -368,6 +368,22 @@ impl GatewayApi for GatewayService {
         _req: Request<GetStatsRequest>,
     ) -> Result<Response<GetStatsResponse>, Status> {
         let hub = &self.gw.hub;
+        // A cluster answers from what every live instance published with its last
+        // heartbeat (at most `cluster.heartbeat` old); `online_users` sums each instance's
+        // users, so a user connected to two instances counts twice.
+        if let Some(view) = self.gw.cluster.as_ref().and_then(|c| c.view()) {
+            let total = view.total();
+            return Ok(Response::new(GetStatsResponse {
+                online_users: total.users,
+                connections: total.connections,
+                connections_by_transport: crate::transport::Transport::ALL
+                    .iter()
+                    .zip(total.by_transport)
+                    .map(|(t, n)| (t.as_str().to_string(), n))
+                    .collect(),
+                instances: view.instances.len() as u32,
+            }));
+        }
         Ok(Response::new(GetStatsResponse {
             online_users: hub.online_users() as u64,
             connections: hub.connection_count() as u64,

@@ -214,6 +214,7 @@ impl State for MemoryState {
                         seq: *seq,
                         epoch: rec.epoch.clone(),
                         duplicate: true,
+                        routes: Vec::new(),
                     };
                 }
             }
@@ -241,6 +242,7 @@ impl State for MemoryState {
                 seq,
                 epoch: rec.epoch.clone(),
                 duplicate: false,
+                routes: Vec::new(),
             }
         }))
     }

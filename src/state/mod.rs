@@ -64,6 +64,9 @@ pub struct Settings {
     /// How long a revocation matters: no accepted token lives longer
     /// (`auth.max_token_lifetime` plus the leeway).
     pub revocation_ttl: Duration,
+    /// Redis: the presence of an instance that stopped refreshing its liveness (it died)
+    /// is not reported after this long (`cluster.instance_ttl`).
+    pub instance_ttl: Duration,
 }
 
 impl Settings {
@@ -72,6 +75,7 @@ impl Settings {
             state: cfg.state.clone(),
             max_devices: cfg.sessions.max_devices,
             revocation_ttl: cfg.auth.max_token_lifetime + cfg.auth.leeway,
+            instance_ttl: cfg.cluster.instance_ttl,
         }
     }
 }
@@ -111,6 +115,10 @@ pub struct Appended {
     /// The id was already stored within the dedupe window: nothing was appended and `seq`
     /// is the original one.
     pub duplicate: bool,
+    /// The instances that held connections of the user when the message was stored, as
+    /// the store can tell in the same call (Redis: read by the append script; memory:
+    /// empty, there is one instance). Where the cluster routes the push.
+    pub routes: Vec<String>,
 }
 
 /// The head of a user's inbox: its epoch and newest seq (0 when nothing was ever stored).
@@ -256,7 +264,7 @@ pub trait State: Send + Sync + 'static {
     /// Periodic upkeep, run by every instance (every few seconds, and once at start before
     /// it serves): the memory backend drops expired entries and idle users; the Redis one
     /// marks `instance` alive, which keeps its presence visible (presence of an instance
-    /// that stops calling this disappears after `state.presence_ttl`).
+    /// that stops calling this disappears after `cluster.instance_ttl`).
     async fn maintain(&self, _instance: &str) -> Result<(), StateError> {
         Ok(())
     }

@@ -3,6 +3,7 @@
 mod alerts;
 mod auth;
 mod cli;
+mod cluster;
 mod codec;
 mod common;
 mod delivery;

@@ -14,7 +14,7 @@ use tonic::Code;
 use crate::common::{eventually_async, metric, token, Client, Kind, TestGateway, WAIT};
 
 #[path = "../../src/state/redis/server.rs"]
-mod redis_server;
+pub(crate) mod redis_server;
 use redis_server::{RedisCluster, RedisServer};
 
 fn msg(body: &str) -> OutMessage {
@@ -134,7 +134,8 @@ async fn redis_down_then_back_without_a_gateway_restart() {
         c.state.redis_url = url;
         c.state.timeout = Duration::from_millis(300);
         // Upkeep (and so the health gauge) every 300 ms.
-        c.state.presence_ttl = Duration::from_millis(900);
+        c.cluster.instance_ttl = Duration::from_millis(900);
+        c.cluster.heartbeat = Duration::from_millis(300);
     })
     .await;
     let mut api = GatewayClient::with_interceptor(
@@ -357,7 +358,8 @@ async fn an_instance_starts_while_redis_is_away_and_catches_up() {
         c.state.backend = StateBackend::Redis;
         c.state.redis_url = url;
         c.state.timeout = Duration::from_millis(300);
-        c.state.presence_ttl = Duration::from_millis(900);
+        c.cluster.instance_ttl = Duration::from_millis(900);
+        c.cluster.heartbeat = Duration::from_millis(300);
     })
     .await;
     assert!(!store_up(&gw).await);

@@ -46,7 +46,7 @@ pub(super) fn redacted(url: &str) -> String {
 
 /// A connection to a single server or to a cluster; cheap to clone (both multiplex).
 #[derive(Clone)]
-pub(super) enum Conn {
+pub(crate) enum Conn {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
 }
@@ -86,7 +86,7 @@ struct BadUrl(String);
 /// Open the connection `cfg` describes. A single server is connected lazily (the gateway
 /// starts, and reports the store down, while Redis is away); a cluster needs its slot map,
 /// so at least one seed must answer now.
-pub(super) async fn open(cfg: &StateConfig) -> Result<Conn, StateError> {
+pub(crate) async fn open(cfg: &StateConfig) -> Result<Conn, StateError> {
     let urls =
         parse_urls(&cfg.redis_url).map_err(|e| StateError::unavailable("connect", BadUrl(e)))?;
     let certs = if cfg.redis_ca_file.is_empty() {

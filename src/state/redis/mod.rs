@@ -7,7 +7,7 @@
 //! bounded by `state.timeout`, so a dead Redis answers UNAVAILABLE fast.
 
 mod codec;
-mod conn;
+pub(crate) mod conn;
 mod keys;
 mod presence;
 mod reply;
@@ -101,7 +101,7 @@ impl RedisState {
             inbox_max: cfg.inbox_max.max(1),
             ttl_ms: ms(cfg.inbox_ttl),
             window_ms: ms(cfg.dedupe_window),
-            presence_ttl_ms: ms(cfg.presence_ttl),
+            presence_ttl_ms: ms(settings.instance_ttl),
             revocation_ttl_ms: ms(settings.revocation_ttl),
             max_devices: settings.max_devices.max(1),
             timeout: cfg.timeout,
@@ -132,6 +132,12 @@ impl RedisState {
     fn conn(&self) -> Conn {
         self.conn.clone()
     }
+
+    /// The multiplexed connection, for the cluster bus and registry (they publish and keep
+    /// their keys over the same connection as the state).
+    pub(crate) fn connection(&self) -> Conn {
+        self.conn.clone()
+    }
 }
 
 #[async_trait]
@@ -142,14 +148,16 @@ impl State for RedisState {
 
     async fn append(&self, user: &str, msg: NewMessage) -> Result<Appended, StateError> {
         let keys = self.keys.inbox(user);
+        let presence = self.keys.presence(user);
         let payload = codec::encode_entry(&msg);
         let mut c = self.conn();
-        let (epoch, seq, duplicate): (String, u64, u8) = self
+        let (epoch, seq, duplicate, routes): (String, u64, u8, Vec<String>) = self
             .run(
                 "append",
                 self.scripts
                     .append
                     .key(&keys[..])
+                    .key(&presence)
                     .arg(&msg.id)
                     .arg(payload)
                     .arg(new_epoch())
@@ -163,6 +171,7 @@ impl State for RedisState {
             seq,
             epoch,
             duplicate: duplicate == 1,
+            routes,
         })
     }
 

@@ -99,7 +99,7 @@ async fn presence_of_an_instance_that_stops_refreshing_disappears() {
     let server = RedisServer::start();
     let mut s = Settings::default();
     s.state.redis_url = server.url();
-    s.state.presence_ttl = Duration::from_millis(300);
+    s.instance_ttl = Duration::from_millis(300);
     let state = RedisState::connect(&s).await.unwrap();
     let p = |conn: &str, instance: &str| Presence {
         user: "u".into(),

@@ -1,5 +1,28 @@
+-- The instance of each presence record (codec.rs encode_presence: an 8-byte time, then six
+-- u32-LE-length-prefixed fields, the instance last), each once.
+local function routes_of(key)
+  local out, seen = {}, {}
+  for _, rec in ipairs(redis.call('HVALS', key)) do
+    local pos = 9
+    local inst
+    for i = 1, 6 do
+      local a, b, c, d = string.byte(rec, pos, pos + 3)
+      if not d then inst = nil; break end
+      local n = a + b * 256 + c * 65536 + d * 16777216
+      if i == 6 then inst = string.sub(rec, pos + 4, pos + 3 + n) end
+      pos = pos + 4 + n
+    end
+    if inst and not seen[inst] then
+      seen[inst] = true
+      out[#out + 1] = inst
+    end
+  end
+  return out
+end
 -- ARGV: 1 message id, 2 payload, 3 epoch to create if none, 4 inbox_max, 5 inbox_ttl ms,
--- 6 dedupe_window ms. Returns {epoch, seq, duplicate (0/1)}.
+-- 6 dedupe_window ms. KEYS[7] is the user's presence hash. Returns {epoch, seq, duplicate
+-- (0/1), instances holding connections of the user}: the routes come back with the seq, so
+-- routing a push costs no round trip of its own.
 local now = now_ms()
 local ttl = tonumber(ARGV[5])
 local window = math.max(tonumber(ARGV[6]), 1)
@@ -9,7 +32,7 @@ if seen and tonumber(seen) + window > now then
   local seq = redis.call('HGET', KEYS[3], ARGV[1])
   if seq then
     touch(ttl)
-    return {epoch, tonumber(seq), 1}
+    return {epoch, tonumber(seq), 1, {}}
   end
 end
 -- Forget ids older than the window (bounded work per call; the keys expire as a whole too).
@@ -31,4 +54,4 @@ redis.call('ZADD', KEYS[4], now, ARGV[1])
 redis.call('PEXPIRE', KEYS[3], window)
 redis.call('PEXPIRE', KEYS[4], window)
 touch(ttl)
-return {epoch, seq, 0}
+return {epoch, seq, 0, routes_of(KEYS[7])}
