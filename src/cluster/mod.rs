@@ -239,19 +239,20 @@ impl Cluster {
         let mut tick = tokio::time::interval(self.cfg.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut heads: HashMap<String, InboxHead> = HashMap::new();
-        // Since when this instance may have been taken for dead (or Redis lost its keys):
-        // its presence is written again once it is heard again.
-        let mut last_ok: Option<tokio::time::Instant> = None;
+        // After a failed heartbeat this instance may have been taken for dead, or Redis
+        // may have restarted empty: its presence is written again once it is heard again.
+        let mut restore = false;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
                 _ = self.check_now.notified() => {}
             }
-            match self.beat(&local, last_ok).await {
-                Ok(()) => last_ok = Some(tokio::time::Instant::now()),
+            match self.beat(&local, restore).await {
+                Ok(()) => restore = false,
                 Err(e) => {
                     debug!(error = %e, "cluster heartbeat failed");
+                    restore = true;
                     continue;
                 }
             }
@@ -259,11 +260,7 @@ impl Cluster {
         }
     }
 
-    async fn beat(
-        &self,
-        local: &Local,
-        last_ok: Option<tokio::time::Instant>,
-    ) -> ::redis::RedisResult<()> {
+    async fn beat(&self, local: &Local, restore: bool) -> ::redis::RedisResult<()> {
         let hub = &local.hub;
         let mut by_transport = [0u64; 3];
         for (t, n) in hub.connections_by_transport() {
@@ -291,12 +288,9 @@ impl Cluster {
             self.registry.heartbeat(&self.conn, &self.me, now, load),
         ))
         .await?;
-        let rejoined = last_ok.is_none_or(|t| t.elapsed() >= self.cfg.instance_ttl);
-        if rejoined && last_ok.is_some() {
-            // Silent for an instance_ttl: the others may have removed this instance's
-            // presence (or Redis restarted empty). Write it again, so routes and
-            // GetUserStatus find its connections.
-            info!("back in the cluster after a silence: writing presence again");
+        if restore {
+            // Routes and GetUserStatus must find this instance's connections again.
+            info!("the cluster hears this instance again: writing its presence again");
             self.restore_presence(local).await;
         }
         let (live, dead) = match tokio::time::timeout(

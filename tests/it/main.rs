@@ -2,6 +2,7 @@
 
 mod alerts;
 mod auth;
+mod chaos;
 mod cli;
 mod cluster;
 mod codec;

@@ -66,6 +66,9 @@ pub struct RedisServer {
     cluster: bool,
     /// Serve TLS only, with these PEM files: certificate, key, CA.
     tls: Option<[PathBuf; 3]>,
+    /// Append-only file fsynced on every write: a killed server restarts with its data
+    /// (how a deployment without replicas keeps a master restart from losing its shard).
+    persistent: bool,
     child: Option<Child>,
 }
 
@@ -90,6 +93,7 @@ impl RedisServer {
                 dir: temp_dir(),
                 cluster,
                 tls: tls.clone(),
+                persistent: false,
                 child: None,
             };
             if s.spawn() {
@@ -121,7 +125,9 @@ impl RedisServer {
             .arg("--save")
             .arg("")
             .arg("--appendonly")
-            .arg("no")
+            .arg(if self.persistent { "yes" } else { "no" })
+            .arg("--appendfsync")
+            .arg("always")
             .arg("--logfile")
             .arg(self.dir.join("redis.log"))
             .stdin(Stdio::null())
@@ -222,7 +228,27 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start() -> RedisCluster {
-        let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::start_with(true)).collect();
+        Self::start_with(false)
+    }
+
+    /// Every node keeps an append-only file: a killed master restarts with its data.
+    pub fn start_persistent() -> RedisCluster {
+        Self::start_with(true)
+    }
+
+    fn start_with(persistent: bool) -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| {
+                let mut n = RedisServer::start_with(true);
+                if persistent {
+                    n.persistent = true;
+                    // Turned on live, then rewritten at once, so the file exists before
+                    // the cluster holds any data.
+                    let _ = command(n.port, "CONFIG SET appendonly yes");
+                }
+                n
+            })
+            .collect();
         let mut create = Command::new("redis-cli");
         create.arg("--cluster").arg("create");
         for n in &nodes {
