@@ -17,6 +17,11 @@
 //! `wt-idle`: gateway RSS growth per idle authenticated WebTransport session.
 //! `wt-connect`: WebTransport sessions established per second (QUIC + TLS + auth + welcome),
 //! `--inflight` at a time (default 100).
+//! `--redis URL` (push modes): cluster mode. Two instances on that Redis (a: the usual
+//! ports, b: ports + 1); users whose name ends in an odd digit connect to b, the others to
+//! a, so half the pushes cross the bus; unary and latency pushes alternate their gRPC
+//! connections between a and b (push-stream goes through a). Prints the Redis commands
+//! per login and per durable push (`INFO commandstats` before and after).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -45,6 +50,8 @@ struct Opts {
     /// Push modes: transient pushes to users nobody is connected as, to measure the gRPC
     /// path alone.
     offline: bool,
+    /// Cluster mode: two instances on this Redis.
+    redis: Option<String>,
 }
 
 fn opts() -> Opts {
@@ -56,6 +63,7 @@ fn opts() -> Opts {
             "--gateway",
             "--pid",
             "--inflight",
+            "--redis",
         ],
         &["--tls", "--offline"],
     );
@@ -68,6 +76,7 @@ fn opts() -> Opts {
         pid: f.opt("--pid"),
         inflight: f.get("--inflight", 100),
         offline: f.has("--offline"),
+        redis: f.opt("--redis"),
         mode: f.mode,
     }
 }
@@ -76,6 +85,66 @@ const HTTP: &str = "127.0.0.1:18080";
 const HTTPS: &str = "127.0.0.1:18443";
 const OPS: &str = "127.0.0.1:19090";
 const GRPC: &str = "127.0.0.1:15051";
+// The second instance in cluster mode.
+const HTTP_B: &str = "127.0.0.1:18081";
+const OPS_B: &str = "127.0.0.1:19091";
+const GRPC_B: &str = "127.0.0.1:15052";
+
+/// Cluster mode (`--redis`): set once at start.
+static CLUSTER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Where `user` connects: in cluster mode, names ending in an odd digit go to b.
+fn http_for(user: &str) -> &'static str {
+    match (CLUSTER.get(), user.bytes().last()) {
+        (Some(_), Some(d)) if d % 2 == 1 => HTTP_B,
+        _ => HTTP,
+    }
+}
+
+/// Every command Redis has run so far (`INFO commandstats`), by command.
+async fn redis_calls() -> Option<std::collections::BTreeMap<String, u64>> {
+    let url = CLUSTER.get()?;
+    let client = redis::Client::open(url.as_str()).ok()?;
+    let mut c = client.get_multiplexed_async_connection().await.ok()?;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut c)
+        .await
+        .ok()?;
+    Some(
+        info.lines()
+            .filter_map(|l| {
+                let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+                let calls = rest.strip_prefix("calls=")?.split(',').next()?.parse().ok()?;
+                Some((name.to_string(), calls))
+            })
+            .collect(),
+    )
+}
+
+/// Commands run between two `redis_calls`, per `n` (what per login or per push costs).
+fn per(
+    before: &Option<std::collections::BTreeMap<String, u64>>,
+    after: &Option<std::collections::BTreeMap<String, u64>>,
+    n: u64,
+) -> Option<String> {
+    let (b, a) = (before.as_ref()?, after.as_ref()?);
+    let mut parts = Vec::new();
+    let mut total = 0;
+    for (cmd, calls) in a {
+        // INFO is the bench asking.
+        let d = calls - b.get(cmd).copied().unwrap_or(0);
+        if d > 0 && cmd != "info" {
+            total += d;
+            parts.push(format!("{cmd} {:.2}", d as f64 / n.max(1) as f64));
+        }
+    }
+    Some(format!(
+        "{:.2} ({})",
+        total as f64 / n.max(1) as f64,
+        parts.join(", ")
+    ))
+}
 const WT: &str = "127.0.0.1:14433";
 
 fn rss_kib(pid: u32) -> u64 {
@@ -98,21 +167,45 @@ async fn http_get(addr: &str, path: &str) -> Option<String> {
     Some(buf)
 }
 
-fn start_gateway(o: &Opts) -> std::process::Child {
-    std::process::Command::new(&o.gateway)
-        .arg("serve")
-        .env("IMGATE__LISTEN__HTTP", HTTP)
+fn start_gateway(o: &Opts) -> Vec<std::process::Child> {
+    let mut a = gateway_command(o);
+    a.env("IMGATE__LISTEN__HTTP", HTTP)
         .env("IMGATE__LISTEN__HTTPS", HTTPS)
         .env("IMGATE__LISTEN__OPS", OPS)
         .env("IMGATE__LISTEN__GRPC", GRPC)
-        .env("IMGATE__LISTEN__WEBTRANSPORT", WT)
+        .env("IMGATE__LISTEN__WEBTRANSPORT", WT);
+    let Some(url) = &o.redis else {
+        return vec![a
+            .spawn()
+            .expect("start the gateway (cargo build --release first)")];
+    };
+    let mut b = gateway_command(o);
+    b.env("IMGATE__LISTEN__HTTP", HTTP_B)
+        .env("IMGATE__LISTEN__HTTPS", "")
+        .env("IMGATE__LISTEN__OPS", OPS_B)
+        .env("IMGATE__LISTEN__GRPC", GRPC_B)
+        .env("IMGATE__LISTEN__WEBTRANSPORT", "");
+    [(a, "bench-a"), (b, "bench-b")]
+        .into_iter()
+        .map(|(mut c, id)| {
+            c.env("IMGATE__STATE__BACKEND", "redis")
+                .env("IMGATE__STATE__REDIS_URL", url)
+                .env("IMGATE__INSTANCE__ID", id)
+                .spawn()
+                .expect("start the gateway (cargo build --release first)")
+        })
+        .collect()
+}
+
+fn gateway_command(o: &Opts) -> std::process::Command {
+    let mut c = std::process::Command::new(&o.gateway);
+    c.arg("serve")
         .env("IMGATE__LIMITS__MAX_PER_IP", "1000000")
         .env("IMGATE__LIMITS__MAX_CONNECTIONS", "1000000")
         .env("IMGATE__LIMITS__RATE_PER_SEC", "100000")
         .env("IMGATE__LIMITS__RATE_BURST", "100000")
-        .env("IMGATE__LOG__LEVEL", "warn")
-        .spawn()
-        .expect("start the gateway (cargo build --release first)")
+        .env("IMGATE__LOG__LEVEL", "warn");
+    c
 }
 
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
@@ -136,7 +229,8 @@ async fn connect(user: &str, tls: bool, pin: Option<[u8; 32]>) -> Ws {
     let (url, addr) = if tls {
         (format!("wss://localhost/ws?token={t}"), HTTPS)
     } else {
-        (format!("ws://{HTTP}/ws?token={t}"), HTTP)
+        let http = http_for(user);
+        (format!("ws://{http}/ws?token={t}"), http)
     };
     let tcp = TcpStream::connect(addr).await.unwrap();
     tcp.set_nodelay(true).unwrap();
@@ -198,22 +292,32 @@ fn main() {
 async fn run() {
     imgate::tls::install_crypto_provider();
     let o = opts();
-    let mut child = if o.pid.is_none() {
-        Some(start_gateway(&o))
+    if let Some(url) = &o.redis {
+        let _ = CLUSTER.set(url.clone());
+    }
+    let children = if o.pid.is_none() {
+        start_gateway(&o)
     } else {
-        None
+        Vec::new()
     };
-    let pid = o.pid.or(child.as_ref().map(|c| c.id())).unwrap();
+    let pid = o.pid.or(children.first().map(|c| c.id())).unwrap();
     let t0 = Instant::now();
-    while http_get(OPS, "/readyz")
-        .await
-        .is_none_or(|r| !r.starts_with("HTTP/1.1 200"))
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "gateway did not become ready"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let ops: &[&str] = if o.redis.is_some() {
+        &[OPS, OPS_B]
+    } else {
+        &[OPS]
+    };
+    for ops in ops {
+        while http_get(ops, "/readyz")
+            .await
+            .is_none_or(|r| !r.starts_with("HTTP/1.1 200"))
+        {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "gateway did not become ready"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
     let pin = pin().await;
     match o.mode.as_str() {
@@ -226,7 +330,7 @@ async fn run() {
             "unknown mode {m:?}: idle | chat | push-unary | push-stream | push-latency | wt-idle | wt-connect"
         ),
     }
-    if let Some(mut child) = child.take() {
+    for mut child in children {
         let _ = child.kill();
         let _ = child.wait();
     }
@@ -386,7 +490,14 @@ fn channels() -> usize {
 }
 
 async fn api() -> Api {
-    let ch = tonic::transport::Channel::from_shared(format!("http://{GRPC}"))
+    // Cluster mode: connections alternate between a and b (pushes through either).
+    static N: AtomicU64 = AtomicU64::new(0);
+    let grpc = if CLUSTER.get().is_some() && N.fetch_add(1, Ordering::Relaxed) % 2 == 1 {
+        GRPC_B
+    } else {
+        GRPC
+    };
+    let ch = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
         .unwrap()
         .connect()
         .await
@@ -475,9 +586,15 @@ async fn push(o: &Opts, pin: Option<[u8; 32]>) {
     let received = Arc::new(AtomicU64::new(0));
     let lat = Arc::new(parking_lot::Mutex::new(Vec::new()));
     let start = Instant::now();
+    let before_logins = redis_calls().await;
     receivers(o, pin, received.clone(), lat.clone(), start).await;
+    let after_logins = redis_calls().await;
+    if let Some(p) = per(&before_logins, &after_logins, o.conns as u64) {
+        println!("Redis commands per login: {p}");
+    }
     // Measure the steady state, not the tail of the connection storm.
     tokio::time::sleep(Duration::from_millis(settle_ms())).await;
+    let before_pushes = redis_calls().await;
     let (conns, offline) = (o.conns, o.offline);
     let deadline = Instant::now() + Duration::from_secs(o.secs);
     let sent = Arc::new(AtomicU64::new(0));
@@ -582,6 +699,10 @@ async fn push(o: &Opts, pin: Option<[u8; 32]>) {
         }) {
             println!("gateway: {l}");
         }
+    }
+    if let Some(p) = per(&before_pushes, &redis_calls().await, target) {
+        // Includes the instances' heartbeats and inbox-head checks over the run.
+        println!("Redis commands per durable push: {p}");
     }
     if let Some(p99) = gateway_delivery_p99().await {
         println!(
@@ -790,6 +911,7 @@ mod wt {
                 mode: String::new(),
                 gateway: String::new(),
                 pid: None,
+                redis: None,
                 ..*o
             },
             pin,
