@@ -10,7 +10,7 @@ use crate::state::{Presence, StateError};
 
 impl RedisState {
     /// Keep only connections whose instance is alive (it refreshed its key within
-    /// `presence_ttl`), and forget the others' records.
+    /// `cluster.instance_ttl`), and forget the others' records.
     async fn alive_only(&self, lists: &mut [Vec<Presence>]) -> RedisResult<()> {
         let mut instances: Vec<String> =
             lists.iter().flatten().map(|p| p.instance.clone()).collect();
