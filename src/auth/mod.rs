@@ -232,6 +232,15 @@ impl Authenticator {
     pub fn set_revoked(&self, user: &str, device: Option<&str>, at_ms: i64) {
         let mut revoked = self.revoked.lock();
         revoked.prune(crate::now_ms(), self.memory_ms);
+        // Already known (the bus and the store both tell it; every login re-reads it): no
+        // second entry in the forgetting order.
+        let known = revoked.users.get(user).and_then(|r| match device {
+            None => r.user,
+            Some(d) => r.devices.get(d).copied(),
+        });
+        if known.is_some_and(|k| k >= at_ms) {
+            return;
+        }
         revoked.order.push_back((at_ms, user.to_string()));
         let r = revoked.users.entry(user.to_string()).or_default();
         let at = match device {

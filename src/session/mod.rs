@@ -449,6 +449,20 @@ impl<S: Session> Conn<S> {
                 limit,
             )
             .await?;
+        // Revocations this instance missed (made while its bus was down, or before it
+        // started) hold here too (SPEC §2: on every instance).
+        let r = resumed.revoked;
+        if r.user.is_some() || r.device.is_some() {
+            if let Some(at) = r.user {
+                gw.auth.set_revoked(&info.user, None, at);
+            }
+            if let Some(at) = r.device {
+                gw.auth.set_revoked(&info.user, Some(&info.device), at);
+            }
+            if gw.auth.is_revoked(identity) {
+                return Err(End::kick(CloseCode::Kicked));
+            }
+        }
         let mut sync = Sync::start(resumed.head.clone(), resumed.cursors, since);
         sync.keeps_cursor = keeps_cursor;
         self.queue(ServerFrame::Welcome(Welcome {

@@ -289,11 +289,13 @@ pub trait State: Send + Sync + 'static {
         }
         let (after, _) = resume_point(&head, cursors, since);
         let range = self.read_after(user, after, limit).await?;
+        let revoked = self.revoked_at(user, device).await?;
         Ok(Resumed {
             head,
             cursors,
             after,
             range,
+            revoked,
         })
     }
 
@@ -330,6 +332,9 @@ pub struct Resumed {
     /// The resume point `range` was read after.
     pub after: u64,
     pub range: InboxRange,
+    /// The user's revocations (and the device's, for a device that keeps a cursor), as
+    /// the store has them: an instance that missed one on the bus learns it here.
+    pub revoked: Revocation,
 }
 
 /// Where a connecting device resumes (SPEC §5), and whether the replay can be complete:

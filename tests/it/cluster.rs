@@ -246,3 +246,20 @@ async fn get_stats_and_get_user_status_answer_for_the_cluster() {
     b.running.take().unwrap().drain().await;
     until_instances(&a, 1).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_made_before_an_instance_started_holds_there() {
+    let redis = RedisServer::start();
+    let a = instance(&redis.url(), "a", |_| {}).await;
+    let t = token("kim", Some("phone"), None, Duration::from_secs(3600));
+    a.gw().kick_user("kim", Some("phone"), "").await.unwrap();
+    // b never heard it on the bus: it learns it from the store at login.
+    let b = instance(&redis.url(), "b", |_| {}).await;
+    let mut kim = b
+        .connect(Kind::Ws, &format!("token={t}"), &[])
+        .await
+        .unwrap();
+    kim.expect_kick(4502).await;
+    // Another device's token is untouched by a device revocation.
+    connect(&b, "kim", "laptop", None).await;
+}

@@ -275,11 +275,13 @@ impl State for RedisState {
             Some(Some((e, s))) => ("1", e, s.min(i64::MAX as u64 / 2)),
             Some(None) => ("2", "", 0),
         };
+        let revoked = self.keys.revoked(user);
         self.run("resume", async {
             let v: Value = self
                 .scripts
                 .resume
                 .key(&keys[..])
+                .key(&revoked)
                 .arg(device.unwrap_or(""))
                 .arg(mode)
                 .arg(since_epoch)
@@ -289,7 +291,8 @@ impl State for RedisState {
                 .arg(self.ttl_ms)
                 .invoke_async(&mut c)
                 .await?;
-            let a = array(v, 8)?;
+            let a = array(v, 10)?;
+            let at = |v: &Value| int(v).map(|t| (t >= 0).then_some(t));
             let epoch = text(&a[0])?;
             let head_seq = int(&a[1])? as u64;
             let device = int(&a[2])?;
@@ -308,6 +311,10 @@ impl State for RedisState {
                     head_seq,
                     messages: entries(int(&a[5])?, &a[7])?,
                     trimmed: int(&a[6])? == 1,
+                },
+                revoked: Revocation {
+                    user: at(&a[8])?,
+                    device: at(&a[9])?,
                 },
             })
         })
