@@ -226,8 +226,18 @@ async fn all_connected(seen: &[(String, Arc<Mutex<Seen>>)]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_killed_with_sigkill_loses_nothing() {
     let redis = RedisServer::start();
-    let a = instance(&redis.url(), "a", |_| {}).await;
-    let (mut b, b_addr) = child_instance(&redis.url(), "b").await;
+    sigkill_during_a_stream(&redis.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_killed_with_sigkill_loses_nothing_on_a_redis_cluster() {
+    let cluster = RedisCluster::start();
+    sigkill_during_a_stream(&cluster.url()).await;
+}
+
+async fn sigkill_during_a_stream(url: &str) {
+    let a = instance(url, "a", |_| {}).await;
+    let (mut b, b_addr) = child_instance(url, "b").await;
     // Every user starts on b (the balancer's first pick), and comes to a after the kill.
     let backends = Arc::new(Mutex::new(vec![b_addr, a.http]));
     let names = users(6, "k");
