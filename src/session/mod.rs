@@ -463,6 +463,15 @@ impl<S: Session> Conn<S> {
                 return Err(End::kick(CloseCode::Kicked));
             }
         }
+        // `multi` caps a user's connections across the cluster (SPEC §6): the hub counted
+        // this instance's, presence counts every instance's. The newcomer is refused, as
+        // the hub refuses it locally.
+        if gw.cfg.sessions.policy == crate::config::LoginPolicy::Multi
+            && self.presence.is_some()
+            && resumed.connections > gw.cfg.sessions.max_per_user
+        {
+            return Err(End::kick(CloseCode::TooManyConnections));
+        }
         let mut sync = Sync::start(resumed.head.clone(), resumed.cursors, since);
         sync.keeps_cursor = keeps_cursor;
         self.queue(ServerFrame::Welcome(Welcome {

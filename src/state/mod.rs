@@ -290,12 +290,14 @@ pub trait State: Send + Sync + 'static {
         let (after, _) = resume_point(&head, cursors, since);
         let range = self.read_after(user, after, limit).await?;
         let revoked = self.revoked_at(user, device).await?;
+        let connections = self.presence(user).await?.len();
         Ok(Resumed {
             head,
             cursors,
             after,
             range,
             revoked,
+            connections,
         })
     }
 
@@ -335,6 +337,10 @@ pub struct Resumed {
     /// The user's revocations (and the device's, for a device that keeps a cursor), as
     /// the store has them: an instance that missed one on the bus learns it here.
     pub revoked: Revocation,
+    /// The user's connections on every instance, as presence records them (this one
+    /// included when its presence was recorded first): `sessions.max_per_user` across a
+    /// cluster.
+    pub connections: usize,
 }
 
 /// Where a connecting device resumes (SPEC §5), and whether the replay can be complete:

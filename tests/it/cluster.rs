@@ -263,3 +263,19 @@ async fn a_revocation_made_before_an_instance_started_holds_there() {
     // Another device's token is untouched by a device revocation.
     connect(&b, "kim", "laptop", None).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_per_user_counts_the_connections_of_every_instance() {
+    let redis = RedisServer::start();
+    let two = |c: &mut imgate::config::Config| c.sessions.max_per_user = 2;
+    let a = instance(&redis.url(), "a", two).await;
+    let b = instance(&redis.url(), "b", two).await;
+    let _first = connect(&a, "lee", "phone", None).await;
+    let _second = connect(&b, "lee", "laptop", None).await;
+    let t = token("lee", Some("tablet"), None, Duration::from_secs(3600));
+    let mut third = a
+        .connect(Kind::Ws, &format!("token={t}"), &[])
+        .await
+        .unwrap();
+    third.expect_kick(4507).await;
+}

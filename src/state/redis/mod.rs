@@ -276,12 +276,14 @@ impl State for RedisState {
             Some(None) => ("2", "", 0),
         };
         let revoked = self.keys.revoked(user);
+        let presence = self.keys.presence(user);
         self.run("resume", async {
             let v: Value = self
                 .scripts
                 .resume
                 .key(&keys[..])
                 .key(&revoked)
+                .key(&presence)
                 .arg(device.unwrap_or(""))
                 .arg(mode)
                 .arg(since_epoch)
@@ -291,7 +293,7 @@ impl State for RedisState {
                 .arg(self.ttl_ms)
                 .invoke_async(&mut c)
                 .await?;
-            let a = array(v, 10)?;
+            let a = array(v, 11)?;
             let at = |v: &Value| int(v).map(|t| (t >= 0).then_some(t));
             let epoch = text(&a[0])?;
             let head_seq = int(&a[1])? as u64;
@@ -316,6 +318,7 @@ impl State for RedisState {
                     user: at(&a[8])?,
                     device: at(&a[9])?,
                 },
+                connections: int(&a[10])? as usize,
             })
         })
         .await

@@ -3,8 +3,10 @@
 -- 3 since epoch, 4 since seq, 5 limit, 6 epoch to create if none, 7 inbox_ttl ms.
 -- KEYS[7] is the user's revocations (so an instance that missed a revocation on the bus,
 -- or started after it, learns it at login at no extra round trip).
+-- KEYS[8] is the user's presence: its size is the user's connections on every instance,
+-- for `sessions.max_per_user` across the cluster.
 -- Returns {epoch, head, device cursor or -1, user cursor, after, first seq, trimmed, entries,
--- user-wide revoked at or -1, device revoked at or -1}.
+-- user-wide revoked at or -1, device revoked at or -1, connections}.
 local ttl = tonumber(ARGV[7])
 local epoch = epoch_of(ARGV[6])
 expire_front(now_ms(), ttl)
@@ -30,4 +32,5 @@ local rdev = -1
 if ARGV[1] ~= '' then
   rdev = revoked(ARGV[1])
 end
-return {epoch, head, dcur, ucur, after, r[2], r[3], r[4], revoked(''), rdev}
+return {epoch, head, dcur, ucur, after, r[2], r[3], r[4], revoked(''), rdev,
+  redis.call('HLEN', KEYS[8])}
