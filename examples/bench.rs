@@ -101,6 +101,43 @@ fn http_for(user: &str) -> &'static str {
     }
 }
 
+/// The gateway processes (for CPU accounting in cluster mode).
+static PIDS: std::sync::OnceLock<Vec<u32>> = std::sync::OnceLock::new();
+
+/// CPU seconds (user + system) a process used so far.
+fn cpu_secs(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
+    let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|x| x.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|x| x.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+/// CPU seconds Redis used so far (`INFO cpu`).
+async fn redis_cpu() -> Option<f64> {
+    let url = CLUSTER.get()?;
+    let client = redis::Client::open(url.as_str()).ok()?;
+    let mut c = client.get_multiplexed_async_connection().await.ok()?;
+    let info: String = redis::cmd("INFO").arg("cpu").query_async(&mut c).await.ok()?;
+    Some(
+        info.lines()
+            .filter(|l| l.starts_with("used_cpu_sys:") || l.starts_with("used_cpu_user:"))
+            .filter_map(|l| l.split_once(':')?.1.trim().parse::<f64>().ok())
+            .sum(),
+    )
+}
+
+/// CPU seconds of each gateway process and of Redis, so far.
+async fn cpu_snapshot() -> (Vec<f64>, Option<f64>) {
+    let g = PIDS
+        .get()
+        .map(|p| p.iter().map(|&p| cpu_secs(p)).collect())
+        .unwrap_or_default();
+    (g, redis_cpu().await)
+}
+
 /// Every command Redis has run so far (`INFO commandstats`), by command.
 async fn redis_calls() -> Option<std::collections::BTreeMap<String, u64>> {
     let url = CLUSTER.get()?;
@@ -306,6 +343,7 @@ async fn run() {
         Vec::new()
     };
     let pid = o.pid.or(children.first().map(|c| c.id())).unwrap();
+    let _ = PIDS.set(children.iter().map(|c| c.id()).collect());
     let t0 = Instant::now();
     let ops: &[&str] = if o.redis.is_some() {
         &[OPS, OPS_B]
@@ -600,6 +638,8 @@ async fn push(o: &Opts, pin: Option<[u8; 32]>) {
     // Measure the steady state, not the tail of the connection storm.
     tokio::time::sleep(Duration::from_millis(settle_ms())).await;
     let before_pushes = redis_calls().await;
+    let cpu_before = cpu_snapshot().await;
+    let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let (conns, offline) = (o.conns, o.offline);
     let deadline = Instant::now() + Duration::from_secs(o.secs);
     let sent = Arc::new(AtomicU64::new(0));
@@ -708,6 +748,19 @@ async fn push(o: &Opts, pin: Option<[u8; 32]>) {
     if let Some(p) = per(&before_pushes, &redis_calls().await, target) {
         // Includes the instances' heartbeats and inbox-head checks over the run.
         println!("Redis commands per durable push: {p}");
+        let cpu_after = cpu_snapshot().await;
+        let gw: Vec<String> = cpu_before
+            .0
+            .iter()
+            .zip(&cpu_after.0)
+            .map(|(b, a)| format!("{:.1}", a - b))
+            .collect();
+        println!(
+            "CPU seconds over the run ({elapsed:.1} s): gateways {}, redis {:.1}; load average before: {}",
+            gw.join(" + "),
+            cpu_after.1.unwrap_or(0.0) - cpu_before.1.unwrap_or(0.0),
+            load_before.trim()
+        );
     }
     if let Some(p99) = gateway_delivery_p99().await {
         println!(
