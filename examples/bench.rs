@@ -120,7 +120,11 @@ async fn redis_cpu() -> Option<f64> {
     let url = CLUSTER.get()?;
     let client = redis::Client::open(url.as_str()).ok()?;
     let mut c = client.get_multiplexed_async_connection().await.ok()?;
-    let info: String = redis::cmd("INFO").arg("cpu").query_async(&mut c).await.ok()?;
+    let info: String = redis::cmd("INFO")
+        .arg("cpu")
+        .query_async(&mut c)
+        .await
+        .ok()?;
     Some(
         info.lines()
             .filter(|l| l.starts_with("used_cpu_sys:") || l.starts_with("used_cpu_user:"))

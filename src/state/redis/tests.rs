@@ -349,3 +349,51 @@ async fn a_cluster_master_restarted_is_found_again() {
     .await
     .expect("every user is served again");
 }
+
+#[tokio::test]
+async fn an_append_returns_the_instances_holding_the_user() {
+    let server = RedisServer::start();
+    let mut s = Settings::default();
+    s.state.redis_url = server.url();
+    let state = RedisState::connect(&s).await.unwrap();
+    let msg = |id: &str| NewMessage {
+        id: id.into(),
+        from: String::new(),
+        kind: String::new(),
+        body: Bytes::from_static(b"x"),
+        ts_ms: 0,
+    };
+    assert!(state
+        .append("u", msg("m0"))
+        .await
+        .unwrap()
+        .routes
+        .is_empty());
+    for (conn, instance) in [("c1", "gw-a"), ("c2", "gw-b"), ("c3", "gw-a")] {
+        state
+            .add_presence(&Presence {
+                user: "u".into(),
+                conn: conn.into(),
+                device: "d".into(),
+                platform: "web".into(),
+                transport: "ws".into(),
+                instance: instance.into(),
+                connected_at_ms: 1,
+            })
+            .await
+            .unwrap();
+    }
+    let mut routes = state.append("u", msg("m1")).await.unwrap().routes;
+    routes.sort();
+    assert_eq!(routes, ["gw-a", "gw-b"], "each instance once");
+    // A record the script cannot read (written by something else) is skipped.
+    let mut c = state.connection();
+    let _: i64 = ::redis::cmd("HSET")
+        .arg(state.keys.presence("u"))
+        .arg("junk")
+        .arg("\x01\x02")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(state.append("u", msg("m2")).await.unwrap().routes.len(), 2);
+}
