@@ -81,14 +81,31 @@ fn opts() -> Opts {
     }
 }
 
-const HTTP: &str = "127.0.0.1:18080";
-const HTTPS: &str = "127.0.0.1:18443";
-const OPS: &str = "127.0.0.1:19090";
-const GRPC: &str = "127.0.0.1:15051";
+/// The load generator's addresses, all moved by BENCH_PORT_OFFSET (default 0) so two runs
+/// (or someone else's gateway on the defaults) can share the machine.
+macro_rules! addr {
+    ($name:ident, $port:expr) => {
+        #[allow(non_snake_case)]
+        fn $name() -> &'static str {
+            static A: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+            A.get_or_init(|| {
+                format!(
+                    "127.0.0.1:{}",
+                    $port + env_or::<u16>("BENCH_PORT_OFFSET", 0)
+                )
+            })
+        }
+    };
+}
+addr!(HTTP, 18080);
+addr!(HTTPS, 18443);
+addr!(OPS, 19090);
+addr!(GRPC, 15051);
+addr!(WT, 14433);
 // The second instance in cluster mode.
-const HTTP_B: &str = "127.0.0.1:18081";
-const OPS_B: &str = "127.0.0.1:19091";
-const GRPC_B: &str = "127.0.0.1:15052";
+addr!(HTTP_B, 18081);
+addr!(OPS_B, 19091);
+addr!(GRPC_B, 15052);
 
 /// Cluster mode (`--redis`): set once at start.
 static CLUSTER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -96,8 +113,8 @@ static CLUSTER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 /// Where `user` connects: in cluster mode, names ending in an odd digit go to b.
 fn http_for(user: &str) -> &'static str {
     match (CLUSTER.get(), user.bytes().last()) {
-        (Some(_), Some(d)) if d % 2 == 1 => HTTP_B,
-        _ => HTTP,
+        (Some(_), Some(d)) if d % 2 == 1 => HTTP_B(),
+        _ => HTTP(),
     }
 }
 
@@ -191,7 +208,6 @@ fn per(
         parts.join(", ")
     ))
 }
-const WT: &str = "127.0.0.1:14433";
 
 fn rss_kib(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -215,21 +231,21 @@ async fn http_get(addr: &str, path: &str) -> Option<String> {
 
 fn start_gateway(o: &Opts) -> Vec<std::process::Child> {
     let mut a = gateway_command(o);
-    a.env("IMGATE__LISTEN__HTTP", HTTP)
-        .env("IMGATE__LISTEN__HTTPS", HTTPS)
-        .env("IMGATE__LISTEN__OPS", OPS)
-        .env("IMGATE__LISTEN__GRPC", GRPC)
-        .env("IMGATE__LISTEN__WEBTRANSPORT", WT);
+    a.env("IMGATE__LISTEN__HTTP", HTTP())
+        .env("IMGATE__LISTEN__HTTPS", HTTPS())
+        .env("IMGATE__LISTEN__OPS", OPS())
+        .env("IMGATE__LISTEN__GRPC", GRPC())
+        .env("IMGATE__LISTEN__WEBTRANSPORT", WT());
     let Some(url) = &o.redis else {
         return vec![a
             .spawn()
             .expect("start the gateway (cargo build --release first)")];
     };
     let mut b = gateway_command(o);
-    b.env("IMGATE__LISTEN__HTTP", HTTP_B)
+    b.env("IMGATE__LISTEN__HTTP", HTTP_B())
         .env("IMGATE__LISTEN__HTTPS", "")
-        .env("IMGATE__LISTEN__OPS", OPS_B)
-        .env("IMGATE__LISTEN__GRPC", GRPC_B)
+        .env("IMGATE__LISTEN__OPS", OPS_B())
+        .env("IMGATE__LISTEN__GRPC", GRPC_B())
         .env("IMGATE__LISTEN__WEBTRANSPORT", "");
     [(a, "bench-a"), (b, "bench-b")]
         .into_iter()
@@ -273,7 +289,7 @@ fn token(user: &str) -> String {
 async fn connect(user: &str, tls: bool, pin: Option<[u8; 32]>) -> Ws {
     let t = token(user);
     let (url, addr) = if tls {
-        (format!("wss://localhost/ws?token={t}"), HTTPS)
+        (format!("wss://localhost/ws?token={t}"), HTTPS())
     } else {
         let http = http_for(user);
         (format!("ws://{http}/ws?token={t}"), http)
@@ -308,7 +324,7 @@ async fn connect(user: &str, tls: bool, pin: Option<[u8; 32]>) -> Ws {
 }
 
 async fn pin() -> Option<[u8; 32]> {
-    let r = http_get(HTTP, "/cert-hash").await?;
+    let r = http_get(HTTP(), "/cert-hash").await?;
     let v: Value = serde_json::from_str(r.split_once("\r\n\r\n")?.1).ok()?;
     let hex = v["sha256_hex"].as_str()?;
     let mut p = [0u8; 32];
@@ -350,9 +366,9 @@ async fn run() {
     let _ = PIDS.set(children.iter().map(|c| c.id()).collect());
     let t0 = Instant::now();
     let ops: &[&str] = if o.redis.is_some() {
-        &[OPS, OPS_B]
+        &[OPS(), OPS_B()]
     } else {
-        &[OPS]
+        &[OPS()]
     };
     for ops in ops {
         while http_get(ops, "/readyz")
@@ -540,9 +556,9 @@ async fn api() -> Api {
     // Cluster mode: connections alternate between a and b (pushes through either).
     static N: AtomicU64 = AtomicU64::new(0);
     let grpc = if CLUSTER.get().is_some() && N.fetch_add(1, Ordering::Relaxed) % 2 == 1 {
-        GRPC_B
+        GRPC_B()
     } else {
-        GRPC
+        GRPC()
     };
     let ch = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
         .unwrap()
@@ -740,7 +756,7 @@ async fn push(o: &Opts, pin: Option<[u8; 32]>) {
     }
     if !offline && received.load(Ordering::Relaxed) < target {
         // Say why: a client closed by the gateway stops counting.
-        let text = http_get(OPS, "/metrics").await.unwrap_or_default();
+        let text = http_get(OPS(), "/metrics").await.unwrap_or_default();
         for l in text.lines().filter(|l| {
             (l.starts_with("imgate_connections_closed_total")
                 || l.starts_with("imgate_slow_consumer_total"))
@@ -826,7 +842,7 @@ async fn push(o: &Opts, pin: Option<[u8; 32]>) {
 /// The upper bound of the bucket holding the 99th percentile of the gateway's
 /// `imgate_push_delivery_seconds` histogram.
 async fn gateway_delivery_p99() -> Option<f64> {
-    let text = http_get(OPS, "/metrics").await?;
+    let text = http_get(OPS(), "/metrics").await?;
     let buckets: Vec<(f64, f64)> = text
         .lines()
         .filter(|l| l.starts_with("imgate_push_delivery_seconds_bucket{"))
@@ -893,7 +909,7 @@ mod wt {
     ) -> Result<Session, String> {
         let t = token(user);
         let conn = ep
-            .connect(format!("https://{WT}/wt?token={t}"))
+            .connect(format!("https://{}/wt?token={t}", WT()))
             .await
             .map_err(|e| e.to_string())?;
         let (mut send, mut recv) = conn
