@@ -729,7 +729,11 @@ async fn push(o: &Opts, pin: Option<[u8; 32]>) {
                 tick.tick().await;
                 let permit = in_flight.clone().acquire_owned().await.unwrap();
                 let body = (start.elapsed().as_nanos() as u64).to_string();
-                let mut api = apis[i % apis.len()].clone();
+                // In cluster mode the connections alternate a, b, a, b and user `u<i>` is on
+                // b when i is odd: the next connection is the other instance, so every push
+                // crosses the bus.
+                let via = if CLUSTER.get().is_some() { i + 1 } else { i };
+                let mut api = apis[via % apis.len()].clone();
                 let (sent, failed) = (sent.clone(), failed.clone());
                 let user = format!("u{}", i % conns);
                 tokio::spawn(async move {

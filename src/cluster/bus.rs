@@ -114,6 +114,7 @@ impl Bus {
 }
 
 fn client(url: &str, cfg: &StateConfig) -> ::redis::RedisResult<::redis::Client> {
+    let url = crate::state::redis::conn::info(url)?;
     if cfg.redis_ca_file.is_empty() {
         return ::redis::Client::open(url);
     }

@@ -36,6 +36,19 @@ pub fn parse_urls(urls: &str) -> Result<Vec<String>, String> {
     Ok(list)
 }
 
+/// Every connection to Redis sends at once (TCP_NODELAY). redis-rs leaves Nagle's algorithm
+/// on by default: a pipelined burst then waits for the ACK of its first segment, which the
+/// server delays up to 40 ms. Measured: durable pushes across two instances went from a
+/// 75 ms median push → receive latency to a few ms with it.
+pub(crate) fn tcp() -> ::redis::io::tcp::TcpSettings {
+    ::redis::io::tcp::TcpSettings::default().set_nodelay(true)
+}
+
+/// `url` as connection info, with `tcp()`.
+pub(crate) fn info(url: &str) -> ::redis::RedisResult<::redis::ConnectionInfo> {
+    Ok(url.into_connection_info()?.set_tcp_settings(tcp()))
+}
+
 /// A URL without its password, for messages.
 pub(super) fn redacted(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -100,11 +113,12 @@ pub(crate) async fn open(cfg: &StateConfig) -> Result<Conn, StateError> {
         })
     };
     let conn = if urls.len() == 1 {
-        let client = match certs {
-            Some(certs) => ::redis::Client::build_with_tls(urls[0].as_str(), certs),
-            None => ::redis::Client::open(urls[0].as_str()),
-        }
-        .map_err(|e| StateError::unavailable("connect", e))?;
+        let client = info(&urls[0])
+            .and_then(|info| match certs {
+                Some(certs) => ::redis::Client::build_with_tls(info, certs),
+                None => ::redis::Client::open(info),
+            })
+            .map_err(|e| StateError::unavailable("connect", e))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(cfg.timeout))
             .set_response_timeout(Some(cfg.timeout))
@@ -120,6 +134,7 @@ pub(crate) async fn open(cfg: &StateConfig) -> Result<Conn, StateError> {
         let mut builder = ::redis::cluster::ClusterClient::builder(urls)
             .connection_timeout(cfg.timeout)
             .response_timeout(cfg.timeout)
+            .tcp_settings(tcp())
             .retries(2);
         if let Some(certs) = certs {
             builder = builder.certs(certs);
