@@ -725,7 +725,7 @@ impl Config {
             ));
         }
         if self.state.backend == StateBackend::Redis {
-            crate::state::redis::parse_urls(&self.state.redis_url)
+            crate::state::redis::url::parse_urls(&self.state.redis_url)
                 .map_err(|e| invalid("state.redis_url", e))?;
         }
         if self.state.key_prefix.contains(['{', '}']) {

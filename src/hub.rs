@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::hash::BuildHasher;
 
 use foldhash::fast::RandomState;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::Poll;
 
@@ -64,6 +64,12 @@ pub struct ConnInfo {
     pub platform: String,
     pub transport: Transport,
     pub connected_at_ms: i64,
+}
+
+/// Where a connection's presence changes go besides the state store (the business
+/// backend's status stream, `upstream.mode = "grpc"`). Never waits.
+pub trait PresenceEvents: Send + Sync {
+    fn changed(&self, info: &ConnInfo, instance: &str, online: bool);
 }
 
 /// A request to close a connection, from outside its task. Only the connection's own task
@@ -169,6 +175,7 @@ pub struct Hub {
     max_queue_bytes: usize,
     by_transport: [AtomicUsize; 3],
     users: AtomicUsize,
+    next_id: AtomicU64,
 }
 
 fn transport_index(t: Transport) -> usize {
@@ -190,7 +197,13 @@ impl Hub {
             max_queue_bytes,
             by_transport: Default::default(),
             users: AtomicUsize::new(0),
+            next_id: AtomicU64::new(1),
         }
+    }
+
+    /// A new connection id, unique in this process (`ConnInfo::id`).
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
     fn shard(&self, user: &str) -> &Shard {

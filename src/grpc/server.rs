@@ -18,9 +18,11 @@ use tracing::{error, info};
 use super::pb::gateway_server::{Gateway as GatewayApi, GatewayServer};
 use super::pb::*;
 use super::{check_id, code_name};
+use crate::config::{Config, LimitsConfig};
 use crate::delivery::{OutMessage, PushOutcome};
-use crate::gateway::Gateway;
+use crate::lifecycle::Lifecycle;
 use crate::ops::metrics;
+use crate::services::Services;
 use crate::state::StateError;
 use futures_util::stream::{FuturesOrdered, StreamExt};
 
@@ -70,18 +72,26 @@ impl Interceptor for ApiKeys {
     }
 }
 
+/// What the push API uses of the gateway.
+pub struct ApiEnv {
+    pub services: Arc<Services>,
+    pub lifecycle: Arc<Lifecycle>,
+    /// `[limits]`: push body and batch sizes.
+    pub limits: LimitsConfig,
+}
+
 pub struct GatewayService {
-    gw: Arc<Gateway>,
+    env: Arc<ApiEnv>,
 }
 
 impl GatewayService {
-    pub fn new(gw: Arc<Gateway>) -> GatewayService {
-        GatewayService { gw }
+    pub fn new(env: Arc<ApiEnv>) -> GatewayService {
+        GatewayService { env }
     }
 
     fn message(&self, m: Option<Message>) -> Result<OutMessage, Status> {
         let m = m.ok_or_else(|| Status::invalid_argument("message: required"))?;
-        let max = self.gw.cfg.limits.max_push_body;
+        let max = self.env.limits.max_push_body;
         if m.body.len() > max {
             return Err(Status::invalid_argument(format!(
                 "message.body: {} bytes is over the limit of {max} (limits.max_push_body)",
@@ -108,7 +118,7 @@ impl GatewayService {
     }
 
     fn batch(&self, field: &str, ids: &[String]) -> Result<(), Status> {
-        let max = self.gw.cfg.limits.max_batch_users;
+        let max = self.env.limits.max_batch_users;
         if ids.len() > max {
             return Err(Status::invalid_argument(format!(
                 "{field}: {} ids is over the limit of {max} (limits.max_batch_users)",
@@ -129,9 +139,9 @@ impl GatewayService {
         durable: bool,
     ) -> Result<PushOutcome, StateError> {
         if durable {
-            self.gw.delivery.push_durable(user, msg).await
+            self.env.services.delivery.push_durable(user, msg).await
         } else {
-            Ok(self.gw.delivery.push_transient(user, msg))
+            Ok(self.env.services.delivery.push_transient(user, msg))
         }
     }
 
@@ -220,7 +230,12 @@ impl GatewayApi for GatewayService {
             let durable = durable(req.delivery)?;
             let msg = self.message(req.message)?;
             let results = if durable {
-                let outs = self.gw.delivery.push_durable_many(&req.user_ids, msg).await;
+                let outs = self
+                    .env
+                    .services
+                    .delivery
+                    .push_durable_many(&req.user_ids, msg)
+                    .await;
                 req.user_ids
                     .into_iter()
                     .zip(outs)
@@ -235,7 +250,11 @@ impl GatewayApi for GatewayService {
                     if i % YIELD_EVERY == YIELD_EVERY - 1 {
                         tokio::task::yield_now().await;
                     }
-                    let out = self.gw.delivery.push_transient(&user, msg.clone());
+                    let out = self
+                        .env
+                        .services
+                        .delivery
+                        .push_transient(&user, msg.clone());
                     results.push(result(user, out));
                 }
                 results
@@ -256,7 +275,8 @@ impl GatewayApi for GatewayService {
             let durable = durable(req.delivery)?;
             let msg = self.message(req.message)?;
             let members = self
-                .gw
+                .env
+                .services
                 .state
                 .group_members(&req.group_id)
                 .await
@@ -267,14 +287,22 @@ impl GatewayApi for GatewayService {
                 .collect();
             let mut resp = PushToGroupResponse::default();
             let outs = if durable {
-                self.gw.delivery.push_durable_many(&members, msg).await
+                self.env
+                    .services
+                    .delivery
+                    .push_durable_many(&members, msg)
+                    .await
             } else {
                 let mut outs = Vec::with_capacity(members.len());
                 for (i, user) in members.iter().enumerate() {
                     if i % YIELD_EVERY == YIELD_EVERY - 1 {
                         tokio::task::yield_now().await;
                     }
-                    outs.push(Ok(self.gw.delivery.push_transient(user, msg.clone())));
+                    outs.push(Ok(self
+                        .env
+                        .services
+                        .delivery
+                        .push_transient(user, msg.clone())));
                 }
                 outs
             };
@@ -297,7 +325,7 @@ impl GatewayApi for GatewayService {
         let r = self
             .message(req.into_inner().message)
             .map(|msg| BroadcastResponse {
-                delivered: self.gw.delivery.broadcast(msg),
+                delivered: self.env.services.delivery.broadcast(msg),
             });
         counted("Broadcast", r)
     }
@@ -317,7 +345,8 @@ impl GatewayApi for GatewayService {
             return Err(Status::invalid_argument("reason: at most 123 bytes"));
         }
         let kicked = self
-            .gw
+            .env
+            .services
             .kick_user(&req.user_id, device, &req.reason)
             .await
             .map_err(unavailable)?;
@@ -333,7 +362,8 @@ impl GatewayApi for GatewayService {
         // Presence spans every instance (with a shared store), not only this one's hub; one
         // batched lookup for all users.
         let lists = self
-            .gw
+            .env
+            .services
             .state
             .presence_many(&req.user_ids)
             .await
@@ -367,7 +397,7 @@ impl GatewayApi for GatewayService {
         &self,
         _req: Request<GetStatsRequest>,
     ) -> Result<Response<GetStatsResponse>, Status> {
-        let hub = &self.gw.hub;
+        let hub = &self.env.services.hub;
         Ok(Response::new(GetStatsResponse {
             online_users: hub.online_users() as u64,
             connections: hub.connection_count() as u64,
@@ -404,7 +434,8 @@ impl GatewayApi for GatewayService {
         };
         self.batch("user_ids", &req.user_ids)?;
         let members = self
-            .gw
+            .env
+            .services
             .state
             .set_group_members(&req.group_id, op, &req.user_ids)
             .await
@@ -421,7 +452,8 @@ impl GatewayApi for GatewayService {
         let req = req.into_inner();
         check_id("user_id", &req.user_id)?;
         let evicted = self
-            .gw
+            .env
+            .services
             .revoke_tokens(&req.user_id, None)
             .await
             .map_err(unavailable)?;
@@ -437,9 +469,11 @@ impl GatewayApi for GatewayService {
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_WINDOW);
         let svc = GatewayService {
-            gw: self.gw.clone(),
+            env: self.env.clone(),
         };
-        tokio::spawn(async move {
+        // Tracked with the sessions: the drain waits for its in-flight answers.
+        let tracker = self.env.lifecycle.sessions.clone();
+        tracker.spawn(async move {
             let svc = &svc;
             let mut inflight = FuturesOrdered::new();
             // Users with an item in flight: a user's next item waits for it, so one user's
@@ -461,7 +495,7 @@ impl GatewayApi for GatewayService {
                 }
                 tokio::select! {
                     biased;
-                    _ = svc.gw.shutdown.cancelled(), if reading => {
+                    _ = svc.env.lifecycle.shutdown.cancelled(), if reading => {
                         // Stop reading; what is in flight still gets its answer.
                         reading = false;
                         draining = true;
@@ -559,8 +593,8 @@ pub struct Api {
 }
 
 impl Api {
-    pub async fn build(gw: Arc<Gateway>) -> anyhow::Result<Api> {
-        let cfg = &gw.cfg.grpc;
+    pub async fn build(config: &Config, env: ApiEnv) -> anyhow::Result<Api> {
+        let cfg = &config.grpc;
         let mut builder = Server::builder().tcp_nodelay(true);
         let tls = !cfg.tls_cert.is_empty();
         if tls {
@@ -573,7 +607,7 @@ impl Api {
             }
             builder = builder.tls_config(tls).context("grpc TLS")?;
         }
-        let keys = gw.cfg.api_keys();
+        let keys = config.api_keys();
         // The client certificate is the credential only when TLS actually asks for one.
         let mtls_only = keys.is_empty() && tls && !cfg.client_ca.is_empty();
         if keys.is_empty() && !mtls_only {
@@ -584,8 +618,9 @@ impl Api {
         let reflection = reflection_builder().build_v1()?;
         // Older clients (grpcurl before 1.8.8, many language tools) speak only v1alpha.
         let reflection_v1alpha = reflection_builder().build_v1alpha()?;
-        let gateway = GatewayServer::new(GatewayService::new(gw.clone()))
-            .max_decoding_message_size(gw.cfg.limits.max_push_body.max(64 * 1024) * 2 + 64 * 1024);
+        let max_message = env.limits.max_push_body.max(64 * 1024) * 2 + 64 * 1024;
+        let gateway = GatewayServer::new(GatewayService::new(Arc::new(env)))
+            .max_decoding_message_size(max_message);
         let builder = builder
             .add_service(health_service)
             .add_service(reflection)

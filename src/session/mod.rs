@@ -16,17 +16,45 @@ use tracing::{debug, Instrument};
 
 use crate::auth::handshake::HandshakeParams;
 use crate::auth::{AuthError, Identity};
-use crate::gateway::Gateway;
+use crate::config::{Config, LimitsConfig, SessionsConfig};
 use crate::hub::{ConnHandle, ConnInfo, Control, PushItem};
+use crate::lifecycle::Lifecycle;
 use crate::limits::Permits;
 use crate::ops::metrics;
 use crate::protocol::{ClientFrame, CloseCode, Codec, DecodeError, Reply, ServerFrame, Welcome};
+use crate::services::Services;
 use crate::state::StateError;
 use crate::transport::{Inbound, Session, SessionError, Transport};
 use crate::upstream::Upstream;
 
 use rate::{RateLimiter, Verdict};
 use sync::Sync;
+
+/// What a session uses of the gateway: the shared services, the drain, and the settings of
+/// a connection. Built once by the composition root; every session holds one `Arc` of it.
+pub struct SessionEnv {
+    pub services: Arc<Services>,
+    pub lifecycle: Arc<Lifecycle>,
+    pub sessions: SessionsConfig,
+    pub limits: LimitsConfig,
+    /// `auth.auth_timeout`: how long a connection may stay unauthenticated.
+    pub auth_timeout: Duration,
+    /// `state.replay_limit`: stored messages sent per replay page.
+    pub replay_limit: usize,
+}
+
+impl SessionEnv {
+    pub fn new(cfg: &Config, services: Arc<Services>, lifecycle: Arc<Lifecycle>) -> SessionEnv {
+        SessionEnv {
+            services,
+            lifecycle,
+            sessions: cfg.sessions.clone(),
+            limits: cfg.limits.clone(),
+            auth_timeout: cfg.auth.auth_timeout,
+            replay_limit: cfg.state.replay_limit,
+        }
+    }
+}
 
 /// What a transport hands over with an open session.
 pub struct Admission {
@@ -75,13 +103,13 @@ impl From<StateError> for End {
 /// `Conn` and `Admission`, and everything below borrows them (a by-value `self` at each
 /// level would store a copy per level, and the task is most of an idle connection's memory).
 pub fn run<S: Session>(
-    gw: Arc<Gateway>,
+    env: Arc<SessionEnv>,
     session: S,
     adm: Admission,
 ) -> impl std::future::Future<Output = ()> + Send {
     let transport = session.transport();
     let span = tracing::debug_span!("conn", transport = transport.as_str(), ip = %adm.ip, user = tracing::field::Empty);
-    let mut conn = Conn::new(gw, session, &adm);
+    let mut conn = Conn::new(env, session, &adm);
     let mut adm = adm;
     async move {
         let t = transport.as_str();
@@ -96,7 +124,7 @@ pub fn run<S: Session>(
 }
 
 struct Conn<S> {
-    gw: Arc<Gateway>,
+    env: Arc<SessionEnv>,
     session: S,
     transport: Transport,
     codec: Codec,
@@ -135,11 +163,11 @@ struct UpstreamWorker {
 }
 
 impl UpstreamWorker {
-    fn spawn(gw: &Arc<Gateway>, sender: &Arc<ConnInfo>) -> UpstreamWorker {
+    fn spawn(env: &Arc<SessionEnv>, sender: &Arc<ConnInfo>) -> UpstreamWorker {
         let (sends, mut rx) = mpsc::channel(SENDS_IN_FLIGHT);
         let (tx, replies) = mpsc::channel(SENDS_IN_FLIGHT);
-        let tracker = gw.sessions.clone();
-        let (gw, sender) = (gw.clone(), sender.clone());
+        let tracker = env.lifecycle.sessions.clone();
+        let (env, sender) = (env.clone(), sender.clone());
         // Ends with its connection (review F12): the sends still queued are dropped and the
         // one in flight is cancelled, rather than forwarded for a client that is gone (which
         // would retry them on its next connection) with no bound on such orphans.
@@ -153,7 +181,7 @@ impl UpstreamWorker {
                     _ = tx.closed() => return,
                 };
                 let reply = tokio::select! {
-                    r = gw.upstream.handle(&sender, send) => r,
+                    r = env.services.upstream.handle(&sender, send) => r,
                     _ = tx.closed() => return,
                 };
                 if tx.send(reply).await.is_err() {
@@ -177,9 +205,9 @@ async fn next_reply(worker: &mut Option<UpstreamWorker>) -> Option<Reply> {
 const FINAL_WRITE: Duration = Duration::from_secs(5);
 
 impl<S: Session> Conn<S> {
-    fn new(gw: Arc<Gateway>, session: S, adm: &Admission) -> Self {
+    fn new(env: Arc<SessionEnv>, session: S, adm: &Admission) -> Self {
         let now = Instant::now();
-        let cfg = &gw.cfg;
+        let cfg = &*env;
         let mut heartbeat =
             tokio::time::interval_at(now + cfg.sessions.heartbeat, cfg.sessions.heartbeat);
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -204,7 +232,7 @@ impl<S: Session> Conn<S> {
             presence: None,
             reauth_after: None,
             session,
-            gw,
+            env,
         }
     }
 
@@ -218,7 +246,7 @@ impl<S: Session> Conn<S> {
                 let since = since.or(adm.params.since.take());
                 let end = self.serve(identity, since, adm).await;
                 if let Some(info) = self.presence.take() {
-                    let state = self.gw.state.clone();
+                    let state = self.env.services.state.clone();
                     if let Err(e) = state.remove_presence(&info.user, &info.session).await {
                         debug!(error = %e, "presence not removed");
                     }
@@ -239,7 +267,7 @@ impl<S: Session> Conn<S> {
         if let Some(result) = adm.handshake_auth.take() {
             return result.map(|id| (id, None)).map_err(auth_end);
         }
-        let deadline = Instant::now() + self.gw.cfg.auth.auth_timeout;
+        let deadline = Instant::now() + self.env.auth_timeout;
         loop {
             // Pongs to a client that does not read must not hold its unauthenticated slot
             // past the auth deadline (review F19).
@@ -251,7 +279,7 @@ impl<S: Session> Conn<S> {
                 _ = tokio::time::sleep_until(deadline) => {
                     return Err(End::Kick(CloseCode::Timeout, "no auth frame in time".into()));
                 }
-                _ = self.gw.shutdown.cancelled() => return Err(End::kick(CloseCode::Draining)),
+                _ = self.env.lifecycle.shutdown.cancelled() => return Err(End::kick(CloseCode::Draining)),
                 r = self.session.recv() => r?,
             };
             let Some(data) = self.inbound_frame(inbound)? else {
@@ -264,7 +292,13 @@ impl<S: Session> Conn<S> {
             match decoded {
                 Ok(ClientFrame::Auth { token, since }) => {
                     self.count_received("auth");
-                    let id = self.gw.auth.authenticate(&token).await.map_err(auth_end)?;
+                    let id = self
+                        .env
+                        .services
+                        .auth
+                        .authenticate(&token)
+                        .await
+                        .map_err(auth_end)?;
                     return Ok((id, since));
                 }
                 Ok(ClientFrame::Ping { id }) => {
@@ -290,7 +324,7 @@ impl<S: Session> Conn<S> {
     // ---- the authenticated session ------------------------------------------------------
 
     async fn serve(&mut self, identity: Identity, since: Option<String>, adm: &Admission) -> End {
-        let gw = self.gw.clone();
+        let env = self.env.clone();
         let device = identity
             .device
             .clone()
@@ -306,7 +340,7 @@ impl<S: Session> Conn<S> {
             .unwrap_or_else(|| "other".into());
         tracing::Span::current().record("user", identity.user.as_str());
         let info = Arc::new(ConnInfo {
-            id: gw.next_conn_id(),
+            id: env.services.hub.next_conn_id(),
             session: format!("{:016x}", rand::random::<u64>()),
             user: identity.user.clone(),
             device,
@@ -314,7 +348,7 @@ impl<S: Session> Conn<S> {
             transport: self.transport,
             connected_at_ms: crate::now_ms(),
         });
-        let (tx, mut rx) = mpsc::channel(gw.cfg.sessions.outbound_queue);
+        let (tx, mut rx) = mpsc::channel(env.sessions.outbound_queue);
         let control = Arc::new(Control::default());
         let handle = ConnHandle {
             info: info.clone(),
@@ -322,11 +356,11 @@ impl<S: Session> Conn<S> {
             tx,
             control: control.clone(),
         };
-        if let Err(code) = gw.hub.register(handle) {
+        if let Err(code) = env.services.hub.register(handle) {
             return End::kick(code);
         }
         let _registered = Registered {
-            gw: gw.clone(),
+            env: env.clone(),
             info: info.clone(),
         };
         // The token was checked before registration: a `KickUser` or `InvalidateTokens`
@@ -334,18 +368,18 @@ impl<S: Session> Conn<S> {
         // the time the client takes to open its control stream). Revocations are recorded
         // before the hub is searched, so looking again now that the session is in the hub
         // closes the gap (SPEC §2).
-        if gw.auth.is_revoked(&identity) {
+        if env.services.auth.is_revoked(&identity) {
             return End::kick(CloseCode::Kicked);
         }
-        if let Some(status) = &gw.status {
-            status.notify(crate::grpc::business::change(&info, &gw.instance_id, true));
+        if let Some(status) = &env.services.status {
+            status.changed(&info, &env.services.instance_id, true);
         }
         Box::pin(self.add_presence(&info)).await;
         self.control = Some(control.clone());
-        if gw.is_draining() {
+        if env.lifecycle.is_draining() {
             return End::kick(CloseCode::Draining);
         }
-        self.arm_expiry(gw.auth.session_deadline_ms(&identity));
+        self.arm_expiry(env.services.auth.session_deadline_ms(&identity));
 
         let mut sync =
             match Box::pin(self.welcome(&info, &identity, since.as_deref(), keeps_cursor)).await {
@@ -360,7 +394,7 @@ impl<S: Session> Conn<S> {
         self.out = Vec::new();
         self.out_types = Vec::new();
         self.out_pushes = Vec::new();
-        let batch = gw.cfg.sessions.write_batch.max(1);
+        let batch = env.sessions.write_batch.max(1);
         let mut items: Vec<Arc<PushItem>> = Vec::new();
 
         let end = loop {
@@ -420,10 +454,10 @@ impl<S: Session> Conn<S> {
             device: info.device.clone(),
             platform: info.platform.clone(),
             transport: info.transport.as_str().into(),
-            instance: self.gw.instance_id.clone(),
+            instance: self.env.services.instance_id.clone(),
             connected_at_ms: info.connected_at_ms,
         };
-        match self.gw.state.add_presence(&presence).await {
+        match self.env.services.state.add_presence(&presence).await {
             Ok(()) => self.presence = Some(info.clone()),
             Err(e) => debug!(error = %e.chain(), "presence not recorded"),
         }
@@ -436,11 +470,12 @@ impl<S: Session> Conn<S> {
         since: Option<&str>,
         keeps_cursor: bool,
     ) -> Result<Sync, End> {
-        let gw = self.gw.clone();
-        let limit = gw.cfg.state.replay_limit.max(1);
+        let env = self.env.clone();
+        let limit = env.replay_limit.max(1);
         // Head, cursors and the first replay batch in one call: one round trip to a remote
         // store (presence was the other).
-        let resumed = gw
+        let resumed = env
+            .services
             .state
             .resume(
                 &info.user,
@@ -457,9 +492,9 @@ impl<S: Session> Conn<S> {
             device: info.device.clone(),
             platform: info.platform.clone(),
             transport: self.transport.as_str().into(),
-            instance: gw.instance_id.clone(),
-            heartbeat_ms: gw.cfg.sessions.heartbeat.as_millis() as u64,
-            max_frame: gw.cfg.limits.max_frame as u64,
+            instance: env.services.instance_id.clone(),
+            heartbeat_ms: env.sessions.heartbeat.as_millis() as u64,
+            max_frame: env.limits.max_frame as u64,
             epoch: resumed.head.epoch,
             head_seq: resumed.head.head_seq,
             cursor: resumed.cursors.device.unwrap_or(0),
@@ -511,10 +546,11 @@ impl<S: Session> Conn<S> {
 
     /// Send stored entries up to `upto` that this device has not been sent yet.
     async fn fill_gap(&mut self, sync: &mut Sync, info: &ConnInfo, upto: u64) -> Result<(), End> {
-        let limit = self.gw.cfg.state.replay_limit.max(1);
+        let limit = self.env.replay_limit.max(1);
         while sync.last_sent < upto {
             let range = self
-                .gw
+                .env
+                .services
                 .state
                 .read_after(&info.user, sync.last_sent, limit)
                 .await?;
@@ -538,9 +574,10 @@ impl<S: Session> Conn<S> {
 
     /// Send the next replay batch; ends with `synced` once nothing is left.
     async fn replay_next(&mut self, sync: &mut Sync, info: &ConnInfo) -> Result<(), End> {
-        let limit = self.gw.cfg.state.replay_limit.max(1);
+        let limit = self.env.replay_limit.max(1);
         let range = self
-            .gw
+            .env
+            .services
             .state
             .read_after(&info.user, sync.last_sent, limit)
             .await?;
@@ -555,7 +592,7 @@ impl<S: Session> Conn<S> {
         info: &ConnInfo,
         range: crate::state::InboxRange,
     ) -> Result<(), End> {
-        let limit = self.gw.cfg.state.replay_limit.max(1);
+        let limit = self.env.replay_limit.max(1);
         if range.epoch != sync.epoch {
             return Err(End::Kick(CloseCode::Internal, "inbox epoch changed".into()));
         }
@@ -565,7 +602,7 @@ impl<S: Session> Conn<S> {
         let n = range.messages.len();
         // A batch is bounded in bytes too (the connection's outbound budget): 200 large
         // entries would otherwise be one multi-megabyte write per reconnecting device.
-        let budget = self.gw.cfg.sessions.outbound_queue_bytes;
+        let budget = self.env.sessions.outbound_queue_bytes;
         let mut bytes = 0;
         let mut cut = false;
         for m in range.messages {
@@ -667,7 +704,7 @@ impl<S: Session> Conn<S> {
                     code: "rate_limited".into(),
                     message: format!(
                         "more than {} frames per second",
-                        self.gw.cfg.limits.rate_per_sec
+                        self.env.limits.rate_per_sec
                     ),
                     id: frame_id(frame),
                 });
@@ -722,16 +759,16 @@ impl<S: Session> Conn<S> {
                 id,
                 ts: crate::now_ms(),
             }),
-            ClientFrame::Send(send) => match &self.gw.upstream {
+            ClientFrame::Send(send) => match &self.env.services.upstream {
                 Upstream::Relay(_) => {
-                    let reply = Box::pin(self.gw.upstream.handle(info, send)).await;
+                    let reply = Box::pin(self.env.services.upstream.handle(info, send)).await;
                     self.queue(ServerFrame::Reply(reply));
                 }
                 Upstream::Grpc(_) => {
-                    let gw = &self.gw;
+                    let env = &self.env;
                     let worker = self
                         .upstream
-                        .get_or_insert_with(|| UpstreamWorker::spawn(gw, info));
+                        .get_or_insert_with(|| UpstreamWorker::spawn(env, info));
                     if let Err(e) = worker.sends.try_send(send) {
                         let id = match e {
                             mpsc::error::TrySendError::Full(s)
@@ -753,7 +790,8 @@ impl<S: Session> Conn<S> {
                     sync.acked = seq.min(sync.last_sent);
                     let device = sync.keeps_cursor.then_some(info.device.as_str());
                     if let Err(e) = self
-                        .gw
+                        .env
+                        .services
                         .state
                         .ack(&info.user, device, &epoch, sync.acked)
                         .await
@@ -781,13 +819,13 @@ impl<S: Session> Conn<S> {
             });
             return;
         }
-        let checked = self.gw.auth.authenticate(token).await;
+        let checked = self.env.services.auth.authenticate(token).await;
         if !matches!(&checked, Ok(new) if new.user == identity.user) {
             self.reauth_after = Some(Instant::now() + REAUTH_BACKOFF);
         }
         match checked {
             Ok(new) if new.user == identity.user => {
-                self.arm_expiry(self.gw.auth.session_deadline_ms(&new));
+                self.arm_expiry(self.env.services.auth.session_deadline_ms(&new));
                 self.queue(ServerFrame::Reauth {
                     token_expires_at_ms: new.expires_at_ms,
                 });
@@ -806,13 +844,13 @@ impl<S: Session> Conn<S> {
     }
 
     async fn on_heartbeat(&mut self) -> Result<(), End> {
-        if self.last_inbound.elapsed() >= self.gw.cfg.sessions.idle_timeout {
+        if self.last_inbound.elapsed() >= self.env.sessions.idle_timeout {
             return Err(End::Kick(
                 CloseCode::Timeout,
                 "no traffic from the client".into(),
             ));
         }
-        let limit = self.gw.cfg.limits.write_timeout;
+        let limit = self.env.limits.write_timeout;
         bounded(limit, self.control.as_deref(), self.session.ping()).await
     }
 
@@ -840,7 +878,7 @@ impl<S: Session> Conn<S> {
         if self.out.is_empty() {
             return Ok(());
         }
-        let limit = self.gw.cfg.limits.write_timeout;
+        let limit = self.env.limits.write_timeout;
         let written = bounded(limit, self.control.as_deref(), self.session.send(&self.out)).await;
         if let Err(end) = written {
             if matches!(end, End::Kick(..)) {
@@ -936,19 +974,15 @@ fn auth_end(e: AuthError) -> End {
 
 /// Removes the connection from the hub however the task ends.
 struct Registered {
-    gw: Arc<Gateway>,
+    env: Arc<SessionEnv>,
     info: Arc<ConnInfo>,
 }
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        self.gw.hub.unregister(&self.info);
-        if let Some(status) = &self.gw.status {
-            status.notify(crate::grpc::business::change(
-                &self.info,
-                &self.gw.instance_id,
-                false,
-            ));
+        self.env.services.hub.unregister(&self.info);
+        if let Some(status) = &self.env.services.status {
+            status.changed(&self.info, &self.env.services.instance_id, false);
         }
     }
 }

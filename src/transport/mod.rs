@@ -1,6 +1,8 @@
 //! Transports: each accepts, handshakes and frames one kind of client connection and hands
 //! the rest of the gateway a [`Session`]. Nothing outside this module names a transport type.
 
+pub mod admission;
+pub mod edge;
 pub mod framing;
 pub mod http;
 pub mod proxy;
