@@ -249,7 +249,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                 lifecycle: lifecycle.clone(),
                 limits: cfg.limits.clone(),
             };
-            Some((crate::grpc::server::Api::build(&cfg, env).await?, l))
+            Some((crate::grpc::api::Api::build(&cfg, env).await?, l))
         }
         None => None,
     };
