@@ -20,7 +20,7 @@ use wtransport::Endpoint;
 use crate::auth::handshake::{OriginPolicy, TrustedProxies};
 use crate::auth::Authenticator;
 use crate::config::{AuthMode, Config, ListenConfig, Profile, StateBackend, UpstreamMode};
-use crate::delivery::Delivery;
+use crate::delivery::Deliverer;
 use crate::grpc::business::StatusNotifier;
 use crate::hub::{Hub, PresenceEvents};
 use crate::lifecycle::Lifecycle;
@@ -152,7 +152,7 @@ async fn build_state(cfg: &Config) -> anyhow::Result<Arc<dyn State>> {
 fn build_upstream(
     cfg: &Config,
     instance_id: &str,
-    delivery: &Arc<Delivery>,
+    delivery: &Arc<Deliverer>,
     lifecycle: &Lifecycle,
 ) -> anyhow::Result<(Upstream, Option<Arc<StatusNotifier>>)> {
     Ok(match cfg.upstream.mode {
@@ -211,7 +211,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     };
     metrics::state_up(state_up);
     let lifecycle = Arc::new(Lifecycle::new(state_up));
-    let delivery = Arc::new(Delivery::new(hub.clone(), state.clone()));
+    let delivery = Arc::new(Deliverer::new(hub.clone(), state.clone()));
     let (upstream, status) = build_upstream(&cfg, &instance_id, &delivery, &lifecycle)?;
     let certs = build_certs(&cfg)?;
     let trusted = TrustedProxies::parse(&cfg.net.trusted_proxies).map_err(anyhow::Error::msg)?;

@@ -173,17 +173,13 @@ pub struct Hub {
     policy: LoginPolicy,
     max_per_user: usize,
     max_queue_bytes: usize,
-    by_transport: [AtomicUsize; 3],
+    by_transport: [AtomicUsize; Transport::ALL.len()],
     users: AtomicUsize,
     next_id: AtomicU64,
 }
 
 fn transport_index(t: Transport) -> usize {
-    match t {
-        Transport::Ws => 0,
-        Transport::Wss => 1,
-        Transport::Wt => 2,
-    }
+    t.index()
 }
 
 impl Hub {

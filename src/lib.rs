@@ -3,6 +3,7 @@
 //! Clients hold WebSocket or WebTransport sessions; business services push over gRPC.
 //! docs/architecture.md walks through these modules.
 
+pub mod accept;
 pub mod app;
 pub mod auth;
 pub mod cli;

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use crate::auth::Authenticator;
-use crate::delivery::Delivery;
+use crate::delivery::Deliverer;
 use crate::hub::{Hub, PresenceEvents};
 use crate::protocol::CloseCode;
 use crate::state::{State, StateError};
@@ -16,7 +16,7 @@ pub struct Services {
     pub auth: Arc<Authenticator>,
     pub hub: Arc<Hub>,
     pub state: Arc<dyn State>,
-    pub delivery: Arc<Delivery>,
+    pub delivery: Arc<Deliverer>,
     pub upstream: Upstream,
     /// Presence changes for the business backend (`upstream.mode = "grpc"`).
     pub status: Option<Arc<dyn PresenceEvents>>,

@@ -373,9 +373,9 @@ impl GatewayApi for GatewayService {
         let req = req.into_inner();
         check_id("group_id", &req.group_id)?;
         let op = match GroupOp::try_from(req.op) {
-            Ok(GroupOp::Replace) => crate::state::GroupOp::Replace,
-            Ok(GroupOp::Add) => crate::state::GroupOp::Add,
-            Ok(GroupOp::Remove) => crate::state::GroupOp::Remove,
+            Ok(GroupOp::Replace) => crate::state::GroupEdit::Replace,
+            Ok(GroupOp::Add) => crate::state::GroupEdit::Add,
+            Ok(GroupOp::Remove) => crate::state::GroupEdit::Remove,
             Ok(GroupOp::Unspecified) => {
                 return Err(Status::invalid_argument(
                     "op: GROUP_OP_UNSPECIFIED; use REPLACE, ADD or REMOVE",

@@ -28,18 +28,7 @@ pub struct OpsView {
 
 /// Serve until `stop`; each connection's task is tracked by the drain.
 pub async fn serve(gw: Arc<OpsView>, listener: TcpListener, stop: CancellationToken) {
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(_) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    crate::accept::serve(listener, "ops", stop, |stream, _| {
         let view = gw.clone();
         gw.lifecycle.spawn_background(async move {
             let svc = service_fn(move |req| {
@@ -52,7 +41,8 @@ pub async fn serve(gw: Arc<OpsView>, listener: TcpListener, stop: CancellationTo
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
-    }
+    })
+    .await;
 }
 
 fn route(gw: &OpsView, req: &Request<Incoming>) -> Response<Full<Bytes>> {

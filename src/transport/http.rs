@@ -43,21 +43,11 @@ pub async fn serve(
     tls: Option<TlsAcceptor>,
     transport: Transport,
 ) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = edge.lifecycle.shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    debug!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    let name = transport.as_str();
+    let stop = edge.lifecycle.shutdown.clone();
+    crate::accept::serve(listener, name, stop, |stream, peer| {
         let Some(admitted) = accept(&edge, stream, peer, tls.is_some()) else {
-            continue;
+            return;
         };
         let conn_edge = edge.clone();
         let tls = tls.clone();
@@ -70,7 +60,8 @@ pub async fn serve(
                 metrics::rejected("handshake_timeout");
             }
         });
-    }
+    })
+    .await;
 }
 
 /// A connection accepted and counted, in its handshake.

@@ -351,7 +351,7 @@ impl WtSession {
 }
 
 fn write_err(e: quinn::WriteError) -> SessionError {
-    SessionError::Io(e.to_string())
+    SessionError::lost(e)
 }
 
 impl Session for WtSession {
@@ -374,7 +374,7 @@ impl Session for WtSession {
                         return Err(SessionError::Protocol("control stream ended inside a frame".into()))
                     }
                     Err(quinn::ReadError::ConnectionLost(_)) => return Ok(None),
-                    Err(e) => return Err(SessionError::Io(e.to_string())),
+                    Err(e) => return Err(SessionError::lost(e)),
                 },
                 streams = self.conn.accept_bi() => match streams {
                     Ok((mut send, recv)) => {

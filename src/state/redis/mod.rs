@@ -330,13 +330,13 @@ impl State for RedisState {
     async fn set_group_members(
         &self,
         group: &str,
-        op: GroupOp,
+        op: GroupEdit,
         users: &[String],
     ) -> Result<usize, StateError> {
         let op = match op {
-            GroupOp::Replace => "replace",
-            GroupOp::Add => "add",
-            GroupOp::Remove => "remove",
+            GroupEdit::Replace => "replace",
+            GroupEdit::Add => "add",
+            GroupEdit::Remove => "remove",
         };
         let mut c = self.conn();
         self.run(
