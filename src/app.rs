@@ -239,7 +239,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         certs: certs.clone(),
         webtransport_port: addrs.webtransport.map(|a| a.port()),
         lifecycle: lifecycle.clone(),
-        session,
+        session_env: session,
     });
     // Built before anything is spawned: a gRPC API that cannot start stops the start.
     let grpc = match listeners.grpc {

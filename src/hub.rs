@@ -58,7 +58,8 @@ impl PushItem {
 #[derive(Debug)]
 pub struct ConnInfo {
     pub id: u64,
-    pub session: String,
+    /// This connection's id in presence (`Welcome.session` on the wire).
+    pub session_id: String,
     pub user: String,
     pub device: String,
     pub platform: String,
@@ -411,7 +412,7 @@ mod tests {
         let control = Arc::new(Control::default());
         let info = Arc::new(ConnInfo {
             id: 1,
-            session: "s".into(),
+            session_id: "s".into(),
             user: user.into(),
             device: "d".into(),
             platform: "web".into(),

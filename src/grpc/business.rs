@@ -52,7 +52,7 @@ impl BusinessUpstream {
             user_id: from.user.clone(),
             device_id: from.device.clone(),
             platform: from.platform.clone(),
-            session_id: from.session.clone(),
+            session_id: from.session_id.clone(),
             request_id: send.id.clone(),
             kind: send.kind.unwrap_or_default(),
             to_user_id: send.to.unwrap_or_default(),
@@ -243,7 +243,7 @@ pub fn change(info: &ConnInfo, instance: &str, online: bool) -> StatusChange {
         instance_id: instance.to_string(),
         transport: info.transport.as_str().to_string(),
         at_ms: crate::now_ms(),
-        session_id: info.session.clone(),
+        session_id: info.session_id.clone(),
     }
 }
 

@@ -199,7 +199,7 @@ impl<S: Session> Conn<S> {
                 let end = self.serve(identity, since, adm).await;
                 if let Some(info) = self.presence.take() {
                     let state = self.env.services.state.clone();
-                    if let Err(e) = state.remove_presence(&info.user, &info.session).await {
+                    if let Err(e) = state.remove_presence(&info.user, &info.session_id).await {
                         debug!(error = %e, "presence not removed");
                     }
                 }
@@ -232,7 +232,7 @@ impl<S: Session> Conn<S> {
             .unwrap_or_else(|| "other".into());
         let info = Arc::new(ConnInfo {
             id: self.env.services.hub.next_conn_id(),
-            session: format!("{:016x}", rand::random::<u64>()),
+            session_id: format!("{:016x}", rand::random::<u64>()),
             user: identity.user.clone(),
             device,
             platform,
@@ -348,7 +348,7 @@ impl<S: Session> Conn<S> {
     async fn add_presence(&mut self, info: &Arc<ConnInfo>) {
         let presence = crate::state::Presence {
             user: info.user.clone(),
-            conn: info.session.clone(),
+            conn: info.session_id.clone(),
             device: info.device.clone(),
             platform: info.platform.clone(),
             transport: info.transport.as_str().into(),

@@ -28,7 +28,7 @@ impl<S: Session> Conn<S> {
         let mut sync = InboxProgress::start(resumed.head.clone(), resumed.cursors, since);
         sync.keeps_cursor = keeps_cursor;
         self.queue(ServerFrame::Welcome(Welcome {
-            session: info.session.clone(),
+            session: info.session_id.clone(),
             user: info.user.clone(),
             device: info.device.clone(),
             platform: info.platform.clone(),

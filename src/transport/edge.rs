@@ -22,5 +22,6 @@ pub struct Edge {
     /// The UDP port WebTransport sessions are served on (the demo page points browsers at it).
     pub webtransport_port: Option<u16>,
     pub lifecycle: Arc<Lifecycle>,
-    pub session: Arc<SessionEnv>,
+    /// What each admitted session is handed.
+    pub session_env: Arc<SessionEnv>,
 }

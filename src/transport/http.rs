@@ -444,7 +444,7 @@ async fn upgrade(
                     max_out,
                 )
                 .await;
-                session::run(edge.session.clone(), ws, *adm).await;
+                session::run(edge.session_env.clone(), ws, *adm).await;
             }
             Err(e) => debug!(error = %e, "upgrade failed"),
         }

@@ -149,7 +149,7 @@ async fn handshake(
     handshaking: Handshaking,
 ) {
     if let Some((session, adm)) = Box::pin(establish(&edge, incoming, slot, handshaking)).await {
-        session::run(edge.session.clone(), session, adm).await;
+        session::run(edge.session_env.clone(), session, adm).await;
     }
 }
 
