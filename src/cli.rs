@@ -89,7 +89,7 @@ pub fn main() -> ExitCode {
                 }
             };
             let result = rt.block_on(async {
-                let running = crate::gateway::start(cfg).await?;
+                let running = crate::app::start(cfg).await?;
                 running.run_until_signal().await
             });
             match result {

@@ -1,4 +1,4 @@
-//! Delivery (SPEC §5): durable pushes are stored, then handed to the user's connections;
+//! Deliverer (SPEC §5): durable pushes are stored, then handed to the user's connections;
 //! transient pushes and broadcasts only reach connections open now.
 
 use std::sync::Arc;
@@ -36,7 +36,10 @@ pub struct PushOutcome {
     pub duplicate: bool,
 }
 
-pub struct Delivery {
+/// Hands pushes to this instance's connections: durable ones stored first, transient ones
+/// only to who is online, broadcasts to everyone. The one path every push takes, so routing
+/// to other instances belongs here. (Named apart from `pb::Delivery`, a push's durability.)
+pub struct Deliverer {
     hub: Arc<Hub>,
     state: Arc<dyn State>,
     /// With Redis: pushes for users connected to other instances go over the bus.
@@ -52,9 +55,9 @@ fn opt(s: &str) -> Option<String> {
     (!s.is_empty()).then(|| s.to_string())
 }
 
-impl Delivery {
-    pub fn new(hub: Arc<Hub>, state: Arc<dyn State>) -> Delivery {
-        Delivery {
+impl Deliverer {
+    pub fn new(hub: Arc<Hub>, state: Arc<dyn State>) -> Deliverer {
+        Deliverer {
             hub,
             state,
             cluster: None,
@@ -62,7 +65,7 @@ impl Delivery {
     }
 
     /// Route to the other instances of a cluster too.
-    pub fn with_cluster(mut self, cluster: Arc<Cluster>) -> Delivery {
+    pub fn with_cluster(mut self, cluster: Arc<Cluster>) -> Deliverer {
         self.cluster = Some(cluster);
         self
     }

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::hash::BuildHasher;
 
 use foldhash::fast::RandomState;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::Poll;
 
@@ -58,12 +58,19 @@ impl PushItem {
 #[derive(Debug)]
 pub struct ConnInfo {
     pub id: u64,
-    pub session: String,
+    /// This connection's id in presence (`Welcome.session` on the wire).
+    pub session_id: String,
     pub user: String,
     pub device: String,
     pub platform: String,
     pub transport: Transport,
     pub connected_at_ms: i64,
+}
+
+/// Where a connection's presence changes go besides the state store (the business
+/// backend's status stream, `upstream.mode = "grpc"`). Never waits.
+pub trait PresenceEvents: Send + Sync {
+    fn changed(&self, info: &ConnInfo, instance: &str, online: bool);
 }
 
 /// A request to close a connection, from outside its task. Only the connection's own task
@@ -167,22 +174,19 @@ pub struct Hub {
     policy: LoginPolicy,
     max_per_user: usize,
     max_queue_bytes: usize,
-    by_transport: [AtomicUsize; 3],
+    by_transport: [AtomicUsize; Transport::ALL.len()],
     users: AtomicUsize,
     /// Told of every registration that replaces connections under the login policy, so
     /// the cluster can replace the user's connections on other instances too (SPEC §6):
     /// the user, and the platform when only that platform's connections go.
     on_replacing: OnceLock<ReplaceHook>,
+    next_id: AtomicU64,
 }
 
 type ReplaceHook = Box<dyn Fn(&str, Option<&str>) + Send + Sync>;
 
 fn transport_index(t: Transport) -> usize {
-    match t {
-        Transport::Ws => 0,
-        Transport::Wss => 1,
-        Transport::Wt => 2,
-    }
+    t.index()
 }
 
 impl Hub {
@@ -197,7 +201,13 @@ impl Hub {
             by_transport: Default::default(),
             users: AtomicUsize::new(0),
             on_replacing: OnceLock::new(),
+            next_id: AtomicU64::new(1),
         }
+    }
+
+    /// A new connection id, unique in this process (`ConnInfo::id`).
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
     fn shard(&self, user: &str) -> &Shard {
@@ -458,7 +468,7 @@ mod tests {
         let control = Arc::new(Control::default());
         let info = Arc::new(ConnInfo {
             id: 1,
-            session: "s".into(),
+            session_id: "s".into(),
             user: user.into(),
             device: "d".into(),
             platform: "web".into(),

@@ -3,17 +3,21 @@
 //! Clients hold WebSocket or WebTransport sessions; business services push over gRPC.
 //! docs/architecture.md walks through these modules.
 
+pub mod accept;
+pub mod app;
 pub mod auth;
 pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod delivery;
-pub mod gateway;
 pub mod grpc;
+pub mod http_util;
 pub mod hub;
+pub mod lifecycle;
 pub mod limits;
 pub mod ops;
 pub mod protocol;
+pub mod services;
 pub mod session;
 pub mod state;
 pub mod tls;

@@ -321,41 +321,36 @@ impl CertStore {
         Ok(true)
     }
 
-    /// Rotation (generated) or reload on change / SIGHUP (files), until cancelled.
-    pub fn spawn_maintenance(
-        self: &Arc<Self>,
-        cancel: CancellationToken,
-    ) -> tokio::task::JoinHandle<()> {
-        let store = self.clone();
-        tokio::spawn(async move {
-            let mut hup =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-            let mut tick = tokio::time::interval(Duration::from_secs(30));
-            let mut last_mtime = store.files_mtime();
-            loop {
-                let hangup = async {
-                    match hup.as_mut() {
-                        Some(h) => h.recv().await,
-                        None => std::future::pending().await,
-                    }
-                };
-                let forced = tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tick.tick() => false,
-                    _ = hangup => true,
-                };
-                if let Err(e) = store.rotate(SystemTime::now()) {
-                    error!(error = %e, "certificate rotation failed; keeping the current one");
+    /// Rotation (generated) or reload on change / SIGHUP (files), until cancelled. The
+    /// caller spawns it where the drain can wait for it.
+    pub async fn maintain(self: Arc<Self>, cancel: CancellationToken) {
+        let store = self;
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        let mut last_mtime = store.files_mtime();
+        loop {
+            let hangup = async {
+                match hup.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
                 }
-                let mtime = store.files_mtime();
-                if forced || mtime != last_mtime {
-                    last_mtime = mtime;
-                    if let Err(e) = store.reload_files() {
-                        error!(error = %format!("{e:#}"), "certificate reload failed; keeping the current one");
-                    }
+            };
+            let forced = tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => false,
+                _ = hangup => true,
+            };
+            if let Err(e) = store.rotate(SystemTime::now()) {
+                error!(error = %e, "certificate rotation failed; keeping the current one");
+            }
+            let mtime = store.files_mtime();
+            if forced || mtime != last_mtime {
+                last_mtime = mtime;
+                if let Err(e) = store.reload_files() {
+                    error!(error = %format!("{e:#}"), "certificate reload failed; keeping the current one");
                 }
             }
-        })
+        }
     }
 
     fn files_mtime(&self) -> Option<SystemTime> {

@@ -5,13 +5,13 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::delivery::{Delivery, OutMessage};
+use crate::delivery::{Deliverer, OutMessage};
 use crate::hub::ConnInfo;
 use crate::protocol::{Reply, SendFrame};
 
 pub enum Upstream {
     /// Dev default: a `send` is a durable push to its addressee (fast, answered inline).
-    Relay(Arc<Delivery>),
+    Relay(Arc<Deliverer>),
     /// The business backend over gRPC: each connection's sends go through a worker task so
     /// that a slow backend never holds up that connection's deliveries.
     Grpc(Arc<crate::grpc::business::BusinessUpstream>),
@@ -27,7 +27,7 @@ impl Upstream {
     }
 }
 
-async fn relay(delivery: &Delivery, from: &ConnInfo, send: SendFrame) -> Reply {
+async fn relay(delivery: &Deliverer, from: &ConnInfo, send: SendFrame) -> Reply {
     let msg = OutMessage {
         id: String::new(),
         from: from.user.clone(),

@@ -328,7 +328,7 @@ impl Cluster {
         for c in local.hub.all() {
             let p = Presence {
                 user: c.info.user.clone(),
-                conn: c.info.session.clone(),
+                conn: c.info.session_id.clone(),
                 device: c.info.device.clone(),
                 platform: c.info.platform.clone(),
                 transport: c.info.transport.as_str().into(),

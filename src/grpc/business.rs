@@ -9,12 +9,13 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
+use tokio_util::task::TaskTracker;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, warn};
 
 use super::pb::business_client::BusinessClient;
 use super::pb::{ClientMessage, StatusChange, StatusChangeBatch};
-use crate::hub::ConnInfo;
+use crate::hub::{ConnInfo, PresenceEvents};
 use crate::ops::metrics;
 use crate::protocol::{Reply, SendFrame};
 
@@ -51,7 +52,7 @@ impl BusinessUpstream {
             user_id: from.user.clone(),
             device_id: from.device.clone(),
             platform: from.platform.clone(),
-            session_id: from.session.clone(),
+            session_id: from.session_id.clone(),
             request_id: send.id.clone(),
             kind: send.kind.unwrap_or_default(),
             to_user_id: send.to.unwrap_or_default(),
@@ -136,10 +137,10 @@ pub const STATUS_FLUSH: Duration = Duration::from_millis(200);
 pub const STATUS_BUFFER: usize = 100_000;
 
 impl StatusNotifier {
-    /// Start the sender task.
-    pub fn spawn(channel: Channel) -> StatusNotifier {
+    /// Start the sender task on `tracker` (the drain's: it flushes with `flush_and_stop`).
+    pub fn spawn(channel: Channel, tracker: &TaskTracker) -> StatusNotifier {
         let shared = Arc::new(Pending::default());
-        let task = tokio::spawn(run(BusinessClient::new(channel), shared.clone()));
+        let task = tracker.spawn(run(BusinessClient::new(channel), shared.clone()));
         StatusNotifier {
             shared,
             task: Mutex::new(Some(task)),
@@ -173,6 +174,12 @@ impl StatusNotifier {
                 warn!(left, "status changes not delivered before the exit");
             }
         }
+    }
+}
+
+impl PresenceEvents for StatusNotifier {
+    fn changed(&self, info: &ConnInfo, instance: &str, online: bool) {
+        self.notify(change(info, instance, online));
     }
 }
 
@@ -236,7 +243,7 @@ pub fn change(info: &ConnInfo, instance: &str, online: bool) -> StatusChange {
         instance_id: instance.to_string(),
         transport: info.transport.as_str().to_string(),
         at_ms: crate::now_ms(),
-        session_id: info.session.clone(),
+        session_id: info.session_id.clone(),
     }
 }
 
@@ -248,7 +255,8 @@ mod tests {
     /// newest say where each device is now), and counts them.
     #[tokio::test]
     async fn a_full_buffer_drops_the_oldest() {
-        let notifier = StatusNotifier::spawn(channel("http://127.0.0.1:9").unwrap());
+        let notifier =
+            StatusNotifier::spawn(channel("http://127.0.0.1:9").unwrap(), &TaskTracker::new());
         let change = |i: usize| StatusChange {
             user_id: format!("u{i}"),
             ..Default::default()

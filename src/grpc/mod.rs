@@ -1,6 +1,7 @@
 //! gRPC (SPEC §7): the `Gateway` service business services call, and the clients of the
 //! `Business` and `Auth` services imgate calls.
 
+pub mod api;
 pub mod auth;
 pub mod business;
 pub mod server;

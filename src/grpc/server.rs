@@ -1,26 +1,21 @@
-//! The `imgate.v1.Gateway` service on the gRPC listener, with API-key (and optional mTLS)
-//! authentication, gRPC health checking and server reflection.
+//! The `imgate.v1.Gateway` service: pushes, kicks, status and groups for business services
+//! (SPEC §7). `api.rs` serves it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use anyhow::Context;
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
-use tonic::service::Interceptor;
-use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{error, info};
 
-use super::pb::gateway_server::{Gateway as GatewayApi, GatewayServer};
+use super::pb::gateway_server::Gateway as GatewayApi;
 use super::pb::*;
 use super::{check_id, code_name};
+use crate::config::LimitsConfig;
 use crate::delivery::{OutMessage, PushOutcome};
-use crate::gateway::Gateway;
+use crate::lifecycle::Lifecycle;
 use crate::ops::metrics;
+use crate::services::Services;
 use crate::state::StateError;
 use futures_util::stream::{FuturesOrdered, StreamExt};
 
@@ -33,55 +28,26 @@ const STREAM_DEPTH: usize = 64;
 /// Fan-outs yield to the scheduler this often, so a huge group does not hog a worker.
 const YIELD_EVERY: usize = 512;
 
-/// Checks `authorization: Bearer <key>` against the configured keys in constant time.
-#[derive(Clone)]
-pub struct ApiKeys {
-    keys: Arc<Vec<Vec<u8>>>,
-}
-
-impl ApiKeys {
-    pub fn new(keys: Vec<String>) -> ApiKeys {
-        ApiKeys {
-            keys: Arc::new(keys.into_iter().map(String::into_bytes).collect()),
-        }
-    }
-}
-
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    // Length is not secret; the content comparison does not stop at the first difference.
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-impl Interceptor for ApiKeys {
-    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        let presented = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::as_bytes);
-        match presented {
-            Some(key) if self.keys.iter().fold(false, |ok, k| ok | ct_eq(k, key)) => Ok(req),
-            Some(_) => Err(Status::unauthenticated("invalid api key")),
-            None => Err(Status::unauthenticated(
-                "missing `authorization: Bearer <api key>`",
-            )),
-        }
-    }
+/// What the push API uses of the gateway.
+pub struct ApiEnv {
+    pub services: Arc<Services>,
+    pub lifecycle: Arc<Lifecycle>,
+    /// `[limits]`: push body and batch sizes.
+    pub limits: LimitsConfig,
 }
 
 pub struct GatewayService {
-    gw: Arc<Gateway>,
+    env: Arc<ApiEnv>,
 }
 
 impl GatewayService {
-    pub fn new(gw: Arc<Gateway>) -> GatewayService {
-        GatewayService { gw }
+    pub fn new(env: Arc<ApiEnv>) -> GatewayService {
+        GatewayService { env }
     }
 
     fn message(&self, m: Option<Message>) -> Result<OutMessage, Status> {
         let m = m.ok_or_else(|| Status::invalid_argument("message: required"))?;
-        let max = self.gw.cfg.limits.max_push_body;
+        let max = self.env.limits.max_push_body;
         if m.body.len() > max {
             return Err(Status::invalid_argument(format!(
                 "message.body: {} bytes is over the limit of {max} (limits.max_push_body)",
@@ -108,7 +74,7 @@ impl GatewayService {
     }
 
     fn batch(&self, field: &str, ids: &[String]) -> Result<(), Status> {
-        let max = self.gw.cfg.limits.max_batch_users;
+        let max = self.env.limits.max_batch_users;
         if ids.len() > max {
             return Err(Status::invalid_argument(format!(
                 "{field}: {} ids is over the limit of {max} (limits.max_batch_users)",
@@ -129,9 +95,9 @@ impl GatewayService {
         durable: bool,
     ) -> Result<PushOutcome, StateError> {
         if durable {
-            self.gw.delivery.push_durable(user, msg).await
+            self.env.services.delivery.push_durable(user, msg).await
         } else {
-            Ok(self.gw.delivery.push_transient(user, msg))
+            Ok(self.env.services.delivery.push_transient(user, msg))
         }
     }
 
@@ -220,7 +186,12 @@ impl GatewayApi for GatewayService {
             let durable = durable(req.delivery)?;
             let msg = self.message(req.message)?;
             let results = if durable {
-                let outs = self.gw.delivery.push_durable_many(&req.user_ids, msg).await;
+                let outs = self
+                    .env
+                    .services
+                    .delivery
+                    .push_durable_many(&req.user_ids, msg)
+                    .await;
                 req.user_ids
                     .into_iter()
                     .zip(outs)
@@ -235,7 +206,11 @@ impl GatewayApi for GatewayService {
                     if i % YIELD_EVERY == YIELD_EVERY - 1 {
                         tokio::task::yield_now().await;
                     }
-                    let out = self.gw.delivery.push_transient(&user, msg.clone());
+                    let out = self
+                        .env
+                        .services
+                        .delivery
+                        .push_transient(&user, msg.clone());
                     results.push(result(user, out));
                 }
                 results
@@ -256,7 +231,8 @@ impl GatewayApi for GatewayService {
             let durable = durable(req.delivery)?;
             let msg = self.message(req.message)?;
             let members = self
-                .gw
+                .env
+                .services
                 .state
                 .group_members(&req.group_id)
                 .await
@@ -267,14 +243,22 @@ impl GatewayApi for GatewayService {
                 .collect();
             let mut resp = PushToGroupResponse::default();
             let outs = if durable {
-                self.gw.delivery.push_durable_many(&members, msg).await
+                self.env
+                    .services
+                    .delivery
+                    .push_durable_many(&members, msg)
+                    .await
             } else {
                 let mut outs = Vec::with_capacity(members.len());
                 for (i, user) in members.iter().enumerate() {
                     if i % YIELD_EVERY == YIELD_EVERY - 1 {
                         tokio::task::yield_now().await;
                     }
-                    outs.push(Ok(self.gw.delivery.push_transient(user, msg.clone())));
+                    outs.push(Ok(self
+                        .env
+                        .services
+                        .delivery
+                        .push_transient(user, msg.clone())));
                 }
                 outs
             };
@@ -297,7 +281,7 @@ impl GatewayApi for GatewayService {
         let r = self
             .message(req.into_inner().message)
             .map(|msg| BroadcastResponse {
-                delivered: self.gw.delivery.broadcast(msg),
+                delivered: self.env.services.delivery.broadcast(msg),
             });
         counted("Broadcast", r)
     }
@@ -317,7 +301,8 @@ impl GatewayApi for GatewayService {
             return Err(Status::invalid_argument("reason: at most 123 bytes"));
         }
         let kicked = self
-            .gw
+            .env
+            .services
             .kick_user(&req.user_id, device, &req.reason)
             .await
             .map_err(unavailable)?;
@@ -333,7 +318,8 @@ impl GatewayApi for GatewayService {
         // Presence spans every instance (with a shared store), not only this one's hub; one
         // batched lookup for all users.
         let lists = self
-            .gw
+            .env
+            .services
             .state
             .presence_many(&req.user_ids)
             .await
@@ -367,11 +353,11 @@ impl GatewayApi for GatewayService {
         &self,
         _req: Request<GetStatsRequest>,
     ) -> Result<Response<GetStatsResponse>, Status> {
-        let hub = &self.gw.hub;
+        let hub = &self.env.services.hub;
         // A cluster answers from what every live instance published with its last
         // heartbeat (at most `cluster.heartbeat` old); `online_users` sums each instance's
         // users, so a user connected to two instances counts twice.
-        if let Some(view) = self.gw.cluster.as_ref().and_then(|c| c.view()) {
+        if let Some(view) = self.env.services.cluster.as_ref().and_then(|c| c.view()) {
             let total = view.total();
             return Ok(Response::new(GetStatsResponse {
                 online_users: total.users,
@@ -403,9 +389,9 @@ impl GatewayApi for GatewayService {
         let req = req.into_inner();
         check_id("group_id", &req.group_id)?;
         let op = match GroupOp::try_from(req.op) {
-            Ok(GroupOp::Replace) => crate::state::GroupOp::Replace,
-            Ok(GroupOp::Add) => crate::state::GroupOp::Add,
-            Ok(GroupOp::Remove) => crate::state::GroupOp::Remove,
+            Ok(GroupOp::Replace) => crate::state::GroupEdit::Replace,
+            Ok(GroupOp::Add) => crate::state::GroupEdit::Add,
+            Ok(GroupOp::Remove) => crate::state::GroupEdit::Remove,
             Ok(GroupOp::Unspecified) => {
                 return Err(Status::invalid_argument(
                     "op: GROUP_OP_UNSPECIFIED; use REPLACE, ADD or REMOVE",
@@ -420,7 +406,8 @@ impl GatewayApi for GatewayService {
         };
         self.batch("user_ids", &req.user_ids)?;
         let members = self
-            .gw
+            .env
+            .services
             .state
             .set_group_members(&req.group_id, op, &req.user_ids)
             .await
@@ -437,7 +424,8 @@ impl GatewayApi for GatewayService {
         let req = req.into_inner();
         check_id("user_id", &req.user_id)?;
         let evicted = self
-            .gw
+            .env
+            .services
             .revoke_tokens(&req.user_id, None)
             .await
             .map_err(unavailable)?;
@@ -453,9 +441,11 @@ impl GatewayApi for GatewayService {
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_WINDOW);
         let svc = GatewayService {
-            gw: self.gw.clone(),
+            env: self.env.clone(),
         };
-        tokio::spawn(async move {
+        // Tracked with the sessions: the drain waits for its in-flight answers.
+        let tracker = self.env.lifecycle.sessions.clone();
+        tracker.spawn(async move {
             let svc = &svc;
             let mut inflight = FuturesOrdered::new();
             // Users with an item in flight: a user's next item waits for it, so one user's
@@ -477,7 +467,7 @@ impl GatewayApi for GatewayService {
                 }
                 tokio::select! {
                     biased;
-                    _ = svc.gw.shutdown.cancelled(), if reading => {
+                    _ = svc.env.lifecycle.shutdown.cancelled(), if reading => {
                         // Stop reading; what is in flight still gets its answer.
                         reading = false;
                         draining = true;
@@ -539,126 +529,5 @@ impl GatewayApi for GatewayService {
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
-    }
-}
-
-/// The services this listener serves, and only those: proto/ also describes `Business` and
-/// `Auth`, which the gateway calls but does not serve, and listing them would advertise
-/// methods that answer UNIMPLEMENTED.
-pub const SERVED: [&str; 4] = [
-    "imgate.v1.Gateway",
-    "grpc.health.v1.Health",
-    "grpc.reflection.v1.ServerReflection",
-    "grpc.reflection.v1alpha.ServerReflection",
-];
-
-/// Reflection over the served services, with the descriptors of both reflection versions,
-/// since both are served.
-fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
-    let mut b = tonic_reflection::server::Builder::configure()
-        .include_reflection_service(false)
-        .register_encoded_file_descriptor_set(super::pb::DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET);
-    for name in SERVED {
-        b = b.with_service_name(name);
-    }
-    b
-}
-
-/// The gRPC API, built before the gateway reports itself started: TLS material that cannot
-/// be read, or a configuration that would serve the API without credentials, stops the start
-/// instead of leaving a bound port that never answers (or answers anyone).
-pub struct Api {
-    router: tonic::transport::server::Router,
-}
-
-impl Api {
-    pub async fn build(gw: Arc<Gateway>) -> anyhow::Result<Api> {
-        let cfg = &gw.cfg.grpc;
-        let mut builder = Server::builder().tcp_nodelay(true);
-        let tls = !cfg.tls_cert.is_empty();
-        if tls {
-            let cert = std::fs::read(&cfg.tls_cert).context("grpc.tls_cert")?;
-            let key = std::fs::read(&cfg.tls_key).context("grpc.tls_key")?;
-            let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
-            if !cfg.client_ca.is_empty() {
-                let ca = std::fs::read(&cfg.client_ca).context("grpc.client_ca")?;
-                tls = tls.client_ca_root(Certificate::from_pem(ca));
-            }
-            builder = builder.tls_config(tls).context("grpc TLS")?;
-        }
-        let keys = gw.cfg.api_keys();
-        // The client certificate is the credential only when TLS actually asks for one.
-        let mtls_only = keys.is_empty() && tls && !cfg.client_ca.is_empty();
-        if keys.is_empty() && !mtls_only {
-            anyhow::bail!("the gRPC API needs grpc.api_keys, or grpc.client_ca with grpc.tls_cert");
-        }
-        let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_serving::<GatewayServer<GatewayService>>().await;
-        let reflection = reflection_builder().build_v1()?;
-        // Older clients (grpcurl before 1.8.8, many language tools) speak only v1alpha.
-        let reflection_v1alpha = reflection_builder().build_v1alpha()?;
-        let gateway = GatewayServer::new(GatewayService::new(gw.clone()))
-            .max_decoding_message_size(gw.cfg.limits.max_push_body.max(64 * 1024) * 2 + 64 * 1024);
-        let builder = builder
-            .add_service(health_service)
-            .add_service(reflection)
-            .add_service(reflection_v1alpha);
-        let router = if mtls_only {
-            builder.add_service(gateway)
-        } else {
-            builder.add_service(tonic::service::interceptor::InterceptedService::new(
-                gateway,
-                ApiKeys::new(keys),
-            ))
-        };
-        Ok(Api { router })
-    }
-
-    /// Serve the gRPC listener until `stop` (after the drain: unary calls are served while
-    /// draining, open streams end with UNAVAILABLE when it begins).
-    pub async fn serve(self, listener: TcpListener, stop: CancellationToken) {
-        if let Ok(addr) = listener.local_addr() {
-            info!(%addr, "gRPC listening");
-        }
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        if let Err(e) = self
-            .router
-            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
-            .await
-        {
-            error!(error = %format!("{e:#}"), "gRPC listener failed");
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn api_key_check() {
-        let mut keys = ApiKeys::new(vec!["k1".into(), "longer-key".into()]);
-        let with = |v: &str| {
-            let mut r = Request::new(());
-            r.metadata_mut().insert("authorization", v.parse().unwrap());
-            r
-        };
-        assert!(keys.call(with("Bearer k1")).is_ok());
-        assert!(keys.call(with("Bearer longer-key")).is_ok());
-        assert_eq!(
-            keys.call(with("Bearer k2")).unwrap_err().code(),
-            tonic::Code::Unauthenticated
-        );
-        assert_eq!(
-            keys.call(with("k1")).unwrap_err().code(),
-            tonic::Code::Unauthenticated
-        );
-        assert_eq!(
-            keys.call(Request::new(())).unwrap_err().code(),
-            tonic::Code::Unauthenticated
-        );
     }
 }

@@ -10,6 +10,9 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+use crate::protocol::CloseCode;
+use crate::transport::Transport;
+
 /// The metric names SPEC §8 promises (more are exported).
 pub const SPEC_NAMES: [&str; 18] = [
     "imgate_connections",
@@ -32,12 +35,29 @@ pub const SPEC_NAMES: [&str; 18] = [
     "imgate_build_info",
 ];
 
-pub const TRANSPORTS: [&str; 3] = ["ws", "wss", "wt"];
-/// SPEC §4 codes, plus 1000 (the client closed) and 1006 (the connection was lost).
-pub const CLOSE_CODES: [&str; 14] = [
-    "1000", "1006", "4100", "4101", "4102", "4103", "4104", "4500", "4501", "4502", "4503", "4504",
-    "4505", "4507",
-];
+/// The `transport` label values: every `Transport`, so a new one is never missing.
+pub const TRANSPORTS: [&str; Transport::ALL.len()] = {
+    let mut out = [""; Transport::ALL.len()];
+    let mut i = 0;
+    while i < out.len() {
+        out[i] = Transport::ALL[i].as_str();
+        i += 1;
+    }
+    out
+};
+/// The `code` label values: 1000 (the client closed), 1006 (the connection was lost), then
+/// every SPEC §4 `CloseCode`.
+pub const CLOSE_CODES: [&str; 2 + CloseCode::ALL.len()] = {
+    let mut out = [""; 2 + CloseCode::ALL.len()];
+    out[0] = "1000";
+    out[1] = "1006";
+    let mut i = 0;
+    while i < CloseCode::ALL.len() {
+        out[2 + i] = CloseCode::ALL[i].as_str();
+        i += 1;
+    }
+    out
+};
 pub const CLIENT_FRAME_TYPES: [&str; 5] = ["auth", "send", "ack", "ping", "unknown"];
 pub const SERVER_FRAME_TYPES: [&str; 8] = [
     "welcome", "push", "synced", "reply", "reauth", "pong", "error", "kick",
@@ -86,6 +106,8 @@ pub const REJECT_REASONS: [&str; 12] = [
     "not_found",
     "no_control_stream",
 ];
+/// The listeners that run `accept::serve`: the public ones by transport label, and ops.
+pub const TCP_LISTENERS: [&str; 3] = ["ws", "wss", "ops"];
 /// Why a WebTransport datagram was not answered.
 pub const DATAGRAM_DROPS: [&str; 2] = ["rate", "invalid"];
 
@@ -114,99 +136,60 @@ pub fn install() -> PrometheusHandle {
         .clone()
 }
 
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every metric, declared once: name, kind, unit and help. `describe` registers them all;
+/// the label sets each is touched with are the constants above.
+#[rustfmt::skip]
+const METRICS: &[(&str, Kind, Option<Unit>, &str)] = &[
+    ("imgate_connections", Kind::Gauge, None, "Open authenticated sessions"),
+    ("imgate_connections_opened_total", Kind::Counter, None, "Sessions opened (after the transport handshake)"),
+    ("imgate_connections_closed_total", Kind::Counter, None, "Sessions closed, by close code"),
+    ("imgate_connections_rejected_total", Kind::Counter, None, "Handshakes refused before a session opened, by reason"),
+    ("imgate_unauthenticated_sessions", Kind::Gauge, None, "Sessions waiting for their auth frame"),
+    ("imgate_auth_total", Kind::Counter, None, "Token checks, by result"),
+    ("imgate_token_cache_total", Kind::Counter, None, "Token cache lookups, by result"),
+    ("imgate_frames_received_total", Kind::Counter, None, "Inbound frames, by type"),
+    ("imgate_frames_sent_total", Kind::Counter, None, "Outbound frames, by type"),
+    ("imgate_bytes_received_total", Kind::Counter, Some(Unit::Bytes), "Inbound frame bytes"),
+    ("imgate_bytes_sent_total", Kind::Counter, Some(Unit::Bytes), "Outbound frame bytes"),
+    ("imgate_slow_consumer_total", Kind::Counter, None, "Connections closed with 4100 (outbound queue full)"),
+    ("imgate_rate_limited_total", Kind::Counter, None, "Rate-limit episodes (error rate_limited sent)"),
+    ("imgate_frames_dropped_total", Kind::Counter, None, "Inbound frames dropped, by reason"),
+    ("imgate_push_requests_total", Kind::Counter, None, "Push requests, by method and result"),
+    ("imgate_push_delivery_seconds", Kind::Histogram, Some(Unit::Seconds), "Push accepted to frame written to the socket"),
+    ("imgate_upstream_seconds", Kind::Histogram, Some(Unit::Seconds), "Client send handled upstream, by result"),
+    ("imgate_state_seconds", Kind::Histogram, Some(Unit::Seconds), "State store operation latency"),
+    ("imgate_state_errors_total", Kind::Counter, None, "Failed state store operations"),
+    ("imgate_state_up", Kind::Gauge, None, "1 when the state store answers"),
+    ("imgate_cluster_messages_total", Kind::Counter, None, "Messages exchanged with other instances"),
+    ("imgate_instances", Kind::Gauge, None, "Instances in the cluster"),
+    ("imgate_draining", Kind::Gauge, None, "1 while the instance drains"),
+    ("imgate_webtransport_streams_refused_total", Kind::Counter, None, "Extra WebTransport streams refused"),
+    ("imgate_webtransport_datagrams_total", Kind::Counter, None, "WebTransport datagrams, by direction"),
+    ("imgate_webtransport_datagrams_dropped_total", Kind::Counter, None, "WebTransport datagrams not answered: over the rate limit or not a ping"),
+    ("imgate_status_changes_dropped_total", Kind::Counter, None, "Presence changes dropped while the backend was away"),
+    ("imgate_certificate_expiry_seconds", Kind::Gauge, Some(Unit::Seconds), "Seconds until the served TLS certificate expires, by source (file or generated)"),
+    ("imgate_build_info", Kind::Gauge, None, "Build information"),
+    ("imgate_accept_errors_total", Kind::Counter, None, "Failed accepts on a TCP listener, by listener"),
+];
+
 fn describe() {
-    describe_gauge!("imgate_connections", "Open authenticated sessions");
-    describe_counter!(
-        "imgate_connections_opened_total",
-        "Sessions opened (after the transport handshake)"
-    );
-    describe_counter!(
-        "imgate_connections_closed_total",
-        "Sessions closed, by close code"
-    );
-    describe_counter!(
-        "imgate_connections_rejected_total",
-        "Handshakes refused before a session opened, by reason"
-    );
-    describe_gauge!(
-        "imgate_unauthenticated_sessions",
-        "Sessions waiting for their auth frame"
-    );
-    describe_counter!("imgate_auth_total", "Token checks, by result");
-    describe_counter!("imgate_token_cache_total", "Token cache lookups, by result");
-    describe_counter!("imgate_frames_received_total", "Inbound frames, by type");
-    describe_counter!("imgate_frames_sent_total", "Outbound frames, by type");
-    describe_counter!(
-        "imgate_bytes_received_total",
-        Unit::Bytes,
-        "Inbound frame bytes"
-    );
-    describe_counter!(
-        "imgate_bytes_sent_total",
-        Unit::Bytes,
-        "Outbound frame bytes"
-    );
-    describe_counter!(
-        "imgate_slow_consumer_total",
-        "Connections closed with 4100 (outbound queue full)"
-    );
-    describe_counter!(
-        "imgate_rate_limited_total",
-        "Rate-limit episodes (error rate_limited sent)"
-    );
-    describe_counter!(
-        "imgate_frames_dropped_total",
-        "Inbound frames dropped, by reason"
-    );
-    describe_counter!(
-        "imgate_push_requests_total",
-        "Push requests, by method and result"
-    );
-    describe_histogram!(
-        "imgate_push_delivery_seconds",
-        Unit::Seconds,
-        "Push accepted to frame written to the socket"
-    );
-    describe_histogram!(
-        "imgate_upstream_seconds",
-        Unit::Seconds,
-        "Client send handled upstream, by result"
-    );
-    describe_histogram!(
-        "imgate_state_seconds",
-        Unit::Seconds,
-        "State store operation latency"
-    );
-    describe_counter!("imgate_state_errors_total", "Failed state store operations");
-    describe_gauge!("imgate_state_up", "1 when the state store answers");
-    describe_counter!(
-        "imgate_cluster_messages_total",
-        "Messages exchanged with other instances"
-    );
-    describe_gauge!("imgate_instances", "Instances in the cluster");
-    describe_gauge!("imgate_draining", "1 while the instance drains");
-    describe_counter!(
-        "imgate_webtransport_streams_refused_total",
-        "Extra WebTransport streams refused"
-    );
-    describe_counter!(
-        "imgate_webtransport_datagrams_total",
-        "WebTransport datagrams, by direction"
-    );
-    describe_counter!(
-        "imgate_webtransport_datagrams_dropped_total",
-        "WebTransport datagrams not answered: over the rate limit or not a ping"
-    );
-    describe_counter!(
-        "imgate_status_changes_dropped_total",
-        "Presence changes dropped while the backend was away"
-    );
-    describe_gauge!(
-        "imgate_certificate_expiry_seconds",
-        Unit::Seconds,
-        "Seconds until the served TLS certificate expires, by source (file or generated)"
-    );
-    describe_gauge!("imgate_build_info", "Build information");
+    for &(name, kind, unit, help) in METRICS {
+        match (kind, unit) {
+            (Kind::Counter, Some(unit)) => describe_counter!(name, unit, help),
+            (Kind::Counter, None) => describe_counter!(name, help),
+            (Kind::Gauge, Some(unit)) => describe_gauge!(name, unit, help),
+            (Kind::Gauge, None) => describe_gauge!(name, help),
+            (Kind::Histogram, Some(unit)) => describe_histogram!(name, unit, help),
+            (Kind::Histogram, None) => describe_histogram!(name, help),
+        }
+    }
 }
 
 /// Create every series at zero.
@@ -267,6 +250,9 @@ fn touch() {
         counter!("imgate_webtransport_datagrams_dropped_total", "reason" => r).absolute(0);
     }
     counter!("imgate_status_changes_dropped_total").absolute(0);
+    for l in TCP_LISTENERS {
+        counter!("imgate_accept_errors_total", "listener" => l).absolute(0);
+    }
 }
 
 /// Update a series through its registered handle (`Hot`) when there is one, else through
@@ -508,6 +494,10 @@ pub fn wt_datagram_dropped(reason: &'static str) {
 /// zero would read as "expired".
 pub fn certificate_expiry(source: &'static str, seconds: f64) {
     gauge!("imgate_certificate_expiry_seconds", "source" => source).set(seconds);
+}
+
+pub fn accept_failed(listener: &'static str) {
+    counter!("imgate_accept_errors_total", "listener" => listener).increment(1);
 }
 
 pub fn draining(on: bool) {

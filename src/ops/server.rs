@@ -13,21 +13,26 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::gateway::Gateway;
+use crate::http_util::respond;
+use crate::lifecycle::Lifecycle;
+use crate::services::Services;
+use crate::tls::CertStore;
 
-pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, stop: CancellationToken) {
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(_) => continue,
-            },
-        };
-        let gw = gw.clone();
-        tokio::spawn(async move {
+/// What the ops listener reports on.
+pub struct OpsView {
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    pub services: Arc<Services>,
+    pub lifecycle: Arc<Lifecycle>,
+    pub certs: Option<Arc<CertStore>>,
+}
+
+/// Serve until `stop`; each connection's task is tracked by the drain.
+pub async fn serve(gw: Arc<OpsView>, listener: TcpListener, stop: CancellationToken) {
+    crate::accept::serve(listener, "ops", stop, |stream, _| {
+        let view = gw.clone();
+        gw.lifecycle.spawn_background(async move {
             let svc = service_fn(move |req| {
-                let gw = gw.clone();
+                let gw = view.clone();
                 async move { Ok::<_, Infallible>(route(&gw, &req)) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
@@ -36,10 +41,11 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, stop: CancellationTo
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
-    }
+    })
+    .await;
 }
 
-fn route(gw: &Gateway, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(gw: &OpsView, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/metrics" => {
             // The certificate gauge is set at each scrape so that it counts down between
@@ -59,15 +65,15 @@ fn route(gw: &Gateway, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/healthz" => {
             let body = serde_json::json!({
                 "status": "ok",
-                "instance": gw.instance_id,
-                "state": { "backend": gw.state.backend(), "up": gw.state_up() },
-                "connections": gw.hub.connection_count(),
-                "draining": gw.is_draining(),
+                "instance": gw.services.instance_id,
+                "state": { "backend": gw.services.state.backend(), "up": gw.lifecycle.state_up() },
+                "connections": gw.services.hub.connection_count(),
+                "draining": gw.lifecycle.is_draining(),
             });
             respond(StatusCode::OK, "application/json", body.to_string())
         }
         "/readyz" => {
-            if gw.is_ready() {
+            if gw.lifecycle.is_ready() {
                 respond(StatusCode::OK, "text/plain", "ready\n".into())
             } else {
                 respond(
@@ -79,16 +85,4 @@ fn route(gw: &Gateway, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
-}
-
-pub fn respond(
-    status: StatusCode,
-    content_type: &'static str,
-    body: String,
-) -> Response<Full<Bytes>> {
-    Response::builder()
-        .status(status)
-        .header(http::header::CONTENT_TYPE, content_type)
-        .body(Full::new(Bytes::from(body)))
-        .expect("static response parts are valid")
 }

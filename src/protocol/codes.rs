@@ -18,6 +18,7 @@ pub enum CloseCode {
 }
 
 impl CloseCode {
+    /// Every code, in `index` order: the close-code label set is built from it.
     pub const ALL: [CloseCode; 12] = [
         CloseCode::SlowConsumer,
         CloseCode::Draining,
@@ -33,12 +34,31 @@ impl CloseCode {
         CloseCode::TooManyConnections,
     ];
 
+    /// The position in `ALL`. The match is exhaustive, so a new code does not compile until
+    /// it has one; the check below then fails until `ALL` lists it there.
+    pub const fn index(self) -> usize {
+        match self {
+            CloseCode::SlowConsumer => 0,
+            CloseCode::Draining => 1,
+            CloseCode::Timeout => 2,
+            CloseCode::Internal => 3,
+            CloseCode::RateLimited => 4,
+            CloseCode::Unauthorized => 5,
+            CloseCode::TokenExpired => 6,
+            CloseCode::Kicked => 7,
+            CloseCode::Replaced => 8,
+            CloseCode::ProtocolError => 9,
+            CloseCode::FrameTooLarge => 10,
+            CloseCode::TooManyConnections => 11,
+        }
+    }
+
     pub fn code(self) -> u16 {
         self as u16
     }
 
     /// The code as a metrics label value.
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             CloseCode::SlowConsumer => "4100",
             CloseCode::Draining => "4101",
@@ -77,3 +97,14 @@ impl CloseCode {
         }
     }
 }
+
+const _: () = {
+    let mut i = 0;
+    while i < CloseCode::ALL.len() {
+        assert!(
+            CloseCode::ALL[i].index() == i,
+            "CloseCode::ALL out of order"
+        );
+        i += 1;
+    }
+};

@@ -171,19 +171,19 @@ pub async fn groups(s: S) {
     let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     assert!(s.group_members("g").await.unwrap().is_empty());
     assert_eq!(
-        s.set_group_members("g", GroupOp::Replace, &names(&["a", "b", "c"]))
+        s.set_group_members("g", GroupEdit::Replace, &names(&["a", "b", "c"]))
             .await
             .unwrap(),
         3
     );
     assert_eq!(
-        s.set_group_members("g", GroupOp::Add, &names(&["c", "d"]))
+        s.set_group_members("g", GroupEdit::Add, &names(&["c", "d"]))
             .await
             .unwrap(),
         4
     );
     assert_eq!(
-        s.set_group_members("g", GroupOp::Remove, &names(&["a", "zz"]))
+        s.set_group_members("g", GroupEdit::Remove, &names(&["a", "zz"]))
             .await
             .unwrap(),
         3
@@ -192,14 +192,14 @@ pub async fn groups(s: S) {
     m.sort();
     assert_eq!(m, names(&["b", "c", "d"]));
     assert_eq!(
-        s.set_group_members("g", GroupOp::Replace, &names(&["x"]))
+        s.set_group_members("g", GroupEdit::Replace, &names(&["x"]))
             .await
             .unwrap(),
         1
     );
     assert_eq!(s.group_members("g").await.unwrap(), names(&["x"]));
     assert_eq!(
-        s.set_group_members("g", GroupOp::Remove, &names(&["x"]))
+        s.set_group_members("g", GroupEdit::Remove, &names(&["x"]))
             .await
             .unwrap(),
         0
@@ -208,13 +208,13 @@ pub async fn groups(s: S) {
     // A large group in one call (a script passes its members in slices).
     let many: Vec<String> = (0..2500).map(|i| format!("m{i:05}")).collect();
     assert_eq!(
-        s.set_group_members("big", GroupOp::Replace, &many)
+        s.set_group_members("big", GroupEdit::Replace, &many)
             .await
             .unwrap(),
         2500
     );
     assert_eq!(
-        s.set_group_members("big", GroupOp::Remove, &many[..1200])
+        s.set_group_members("big", GroupEdit::Remove, &many[..1200])
             .await
             .unwrap(),
         1300

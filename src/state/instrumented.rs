@@ -77,7 +77,7 @@ impl<S: State> State for Instrumented<S> {
     async fn set_group_members(
         &self,
         group: &str,
-        op: GroupOp,
+        op: GroupEdit,
         users: &[String],
     ) -> Result<usize, StateError> {
         self.timed("group_set", self.inner.set_group_members(group, op, users))

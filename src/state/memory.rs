@@ -315,15 +315,15 @@ impl State for MemoryState {
     async fn set_group_members(
         &self,
         group: &str,
-        op: GroupOp,
+        op: GroupEdit,
         users: &[String],
     ) -> Result<usize, StateError> {
         let mut groups = self.groups.lock();
         let set = groups.entry(group.to_string()).or_default();
         match op {
-            GroupOp::Replace => *set = users.iter().cloned().collect(),
-            GroupOp::Add => set.extend(users.iter().cloned()),
-            GroupOp::Remove => {
+            GroupEdit::Replace => *set = users.iter().cloned().collect(),
+            GroupEdit::Add => set.extend(users.iter().cloned()),
+            GroupEdit::Remove => {
                 for u in users {
                     set.remove(u);
                 }

@@ -148,8 +148,9 @@ pub struct Cursors {
     pub user: u64,
 }
 
+/// How `set_group_members` changes a group (named apart from `pb::GroupOp`, its wire form).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GroupOp {
+pub enum GroupEdit {
     Replace,
     Add,
     Remove,
@@ -226,7 +227,7 @@ pub trait State: Send + Sync + 'static {
     async fn set_group_members(
         &self,
         group: &str,
-        op: GroupOp,
+        op: GroupEdit,
         users: &[String],
     ) -> Result<usize, StateError>;
 

@@ -22,14 +22,15 @@ use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tracing::debug;
 
-use crate::auth::handshake::{self, HandshakeError, TokenSource};
+use super::admission::{self, Refusal};
+use super::edge::Edge;
+use crate::auth::handshake;
 use crate::config::Profile;
-use crate::gateway::Gateway;
+use crate::http_util::respond;
 use crate::limits::{Handshaking, IpSlot, Rejection};
 use crate::ops::metrics;
-use crate::ops::server::respond;
 use crate::protocol::Codec;
-use crate::session::{self, Admission};
+use crate::session;
 use crate::transport::ws::WsSession;
 use crate::transport::Transport;
 
@@ -37,37 +38,30 @@ type Body = Full<Bytes>;
 
 /// Accept connections until the drain begins.
 pub async fn serve(
-    gw: Arc<Gateway>,
+    edge: Arc<Edge>,
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     transport: Transport,
 ) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = gw.shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    debug!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+    let name = transport.as_str();
+    let stop = edge.lifecycle.shutdown.clone();
+    crate::accept::serve(listener, name, stop, |stream, peer| {
+        let Some(admitted) = accept(&edge, stream, peer, tls.is_some()) else {
+            return;
         };
-        let Some(admitted) = accept(&gw, stream, peer, tls.is_some()) else {
-            continue;
-        };
-        let gw = gw.clone();
+        let conn_edge = edge.clone();
         let tls = tls.clone();
-        tokio::spawn(async move {
-            let deadline = tokio::time::Instant::now() + gw.cfg.limits.handshake_timeout;
-            let conn = handshake(gw, admitted, tls, transport);
+        // Tracked with the background services; bounded by the handshake timeout.
+        edge.lifecycle.spawn_background(async move {
+            let edge = conn_edge;
+            let deadline = tokio::time::Instant::now() + edge.cfg.limits.handshake_timeout;
+            let conn = handshake(edge, admitted, tls, transport);
             if tokio::time::timeout_at(deadline, conn).await.is_err() {
                 metrics::rejected("handshake_timeout");
             }
         });
-    }
+    })
+    .await;
 }
 
 /// A connection accepted and counted, in its handshake.
@@ -83,8 +77,8 @@ struct Accepted {
 /// connections in their handshake, then the per-IP count. Over the per-IP limit, a plain
 /// HTTP client is told 429 (one small write, never waited on); a TLS client is dropped, since
 /// answering would cost the TLS handshake the limit is there to spare.
-fn accept(gw: &Arc<Gateway>, stream: TcpStream, peer: SocketAddr, tls: bool) -> Option<Accepted> {
-    let handshaking = match gw.limits.begin_handshake() {
+fn accept(edge: &Arc<Edge>, stream: TcpStream, peer: SocketAddr, tls: bool) -> Option<Accepted> {
+    let handshaking = match edge.limits.begin_handshake() {
         Ok(h) => h,
         Err(r) => {
             metrics::rejected(r.reason());
@@ -93,10 +87,10 @@ fn accept(gw: &Arc<Gateway>, stream: TcpStream, peer: SocketAddr, tls: bool) -> 
     };
     // A trusted proxy carries many clients: each is counted once its PROXY header or its
     // X-Forwarded-For names it.
-    let slot = if gw.trusted.contains(peer.ip()) {
+    let slot = if edge.trusted.contains(peer.ip()) {
         None
     } else {
-        match gw.limits.take_ip(peer.ip()) {
+        match edge.limits.take_ip(peer.ip()) {
             Ok(slot) => Some(slot),
             Err(r) => {
                 metrics::rejected(r.reason());
@@ -120,12 +114,12 @@ const TOO_MANY: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/p
 
 /// PROXY header, TLS, then HTTP until the upgrade; the caller bounds all of it.
 async fn handshake(
-    gw: Arc<Gateway>,
+    edge: Arc<Edge>,
     mut conn: Accepted,
     tls: Option<TlsAcceptor>,
     transport: Transport,
 ) {
-    if gw.cfg.net.proxy_protocol && conn.slot.is_none() {
+    if edge.cfg.net.proxy_protocol && conn.slot.is_none() {
         match super::proxy::read_header(&mut conn.stream).await {
             Ok(Some(client)) => conn.peer = client,
             Ok(None) => {}
@@ -135,7 +129,7 @@ async fn handshake(
                 return;
             }
         }
-        match gw.limits.take_ip(conn.peer.ip()) {
+        match edge.limits.take_ip(conn.peer.ip()) {
             Ok(slot) => conn.slot = Some(slot),
             Err(r) => {
                 metrics::rejected(r.reason());
@@ -154,9 +148,9 @@ async fn handshake(
     } = conn;
     let slot = Arc::new(Mutex::new(slot));
     match tls {
-        None => serve_conn(gw, stream, peer, slot, transport).await,
+        None => serve_conn(edge, stream, peer, slot, transport).await,
         Some(acceptor) => match acceptor.accept(stream).await {
-            Ok(tls_stream) => serve_conn(gw, tls_stream, peer, slot, transport).await,
+            Ok(tls_stream) => serve_conn(edge, tls_stream, peer, slot, transport).await,
             Err(e) => debug!(error = %e, "TLS handshake failed"),
         },
     }
@@ -166,7 +160,7 @@ async fn handshake(
 type HeldSlot = Arc<Mutex<Option<IpSlot>>>;
 
 async fn serve_conn<I>(
-    gw: Arc<Gateway>,
+    edge: Arc<Edge>,
     io: I,
     peer: SocketAddr,
     slot: HeldSlot,
@@ -174,11 +168,11 @@ async fn serve_conn<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let limit = gw.cfg.limits.handshake_timeout;
+    let limit = edge.cfg.limits.handshake_timeout;
     let svc = service_fn(move |req| {
-        let gw = gw.clone();
+        let edge = edge.clone();
         let slot = slot.clone();
-        async move { Ok::<_, Infallible>(route(gw, req, peer, slot, transport).await) }
+        async move { Ok::<_, Infallible>(route(edge, req, peer, slot, transport).await) }
     });
     let result = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -197,7 +191,7 @@ async fn serve_conn<I>(
 }
 
 async fn route(
-    gw: Arc<Gateway>,
+    edge: Arc<Edge>,
     req: Request<Incoming>,
     peer: SocketAddr,
     slot: HeldSlot,
@@ -207,17 +201,17 @@ async fn route(
         return plain(StatusCode::METHOD_NOT_ALLOWED, "only GET here\n");
     }
     match req.uri().path() {
-        "/ws" => upgrade(gw, req, peer, slot, transport).await,
-        "/cert-hash" => match &gw.certs {
+        "/ws" => upgrade(edge, req, peer, slot, transport).await,
+        "/cert-hash" => match &edge.certs {
             Some(certs) => json(StatusCode::OK, certs.cert_hash_json().to_string()),
             None => plain(StatusCode::NOT_FOUND, "no certificate is served\n"),
         },
-        "/dev/token" if gw.cfg.profile == Profile::Dev => {
+        "/dev/token" if edge.cfg.profile == Profile::Dev => {
             // Dev tokens are for the developer's own machine (SPEC §9): a dev instance
             // reachable from elsewhere must not hand out tokens for any user.
-            let ip = handshake::client_ip(peer.ip(), req.headers(), &gw.trusted);
+            let ip = handshake::client_ip(peer.ip(), req.headers(), &edge.trusted);
             if ip.to_canonical().is_loopback() {
-                dev_token(&gw, &req)
+                dev_token(&edge, &req)
             } else {
                 plain(
                     StatusCode::FORBIDDEN,
@@ -228,7 +222,7 @@ async fn route(
         "/" => respond(
             StatusCode::OK,
             "text/html; charset=utf-8",
-            demo_page(gw.webtransport_port),
+            demo_page(edge.webtransport_port),
         ),
         "/favicon.ico" => respond(StatusCode::NO_CONTENT, "image/x-icon", String::new()),
         "/imgate.js" => respond(
@@ -268,7 +262,7 @@ fn json(status: StatusCode, body: String) -> Response<Body> {
 
 /// `GET /dev/token?user=U[&device=D][&platform=P]` (dev profile only): `{"token": …}`, HS256 with the
 /// configured (or dev) secret, valid 1 h (loopback clients only: see `route`).
-fn dev_token(gw: &Gateway, req: &Request<Incoming>) -> Response<Body> {
+fn dev_token(edge: &Edge, req: &Request<Incoming>) -> Response<Body> {
     let mut user = None;
     let mut device = None;
     let mut platform = None;
@@ -304,7 +298,7 @@ fn dev_token(gw: &Gateway, req: &Request<Incoming>) -> Response<Body> {
             "platform must be ios, android, web, desktop or other\n",
         );
     }
-    let secret = gw.cfg.jwt_secret().unwrap_or_default();
+    let secret = edge.cfg.jwt_secret().unwrap_or_default();
     match crate::auth::jwt::issue_hs256(
         &secret,
         &user,
@@ -337,16 +331,46 @@ fn reject(reason: &'static str, status: StatusCode, body: &'static str) -> Respo
     plain(status, body)
 }
 
+/// A refused upgrade, as HTTP: the status a WebSocket client can read.
+fn refused(refusal: Refusal) -> Response<Body> {
+    metrics::rejected(refusal.reason());
+    match refusal {
+        Refusal::Draining => plain(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+        Refusal::Origin => plain(StatusCode::FORBIDDEN, "origin not allowed\n"),
+        Refusal::BadAuthorization => plain(StatusCode::UNAUTHORIZED, "bad Authorization header\n"),
+        Refusal::BadRequest(m) => respond(
+            StatusCode::BAD_REQUEST,
+            "text/plain; charset=utf-8",
+            format!("{m}\n"),
+        ),
+        Refusal::Limit(r) => {
+            let status = match r {
+                Rejection::IpLimit => StatusCode::TOO_MANY_REQUESTS,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            plain(status, "too many connections\n")
+        }
+        Refusal::Unauthorized => {
+            // And close the connection (review F11): a client retrying bad tokens pays a
+            // new connection, counted per IP, for each.
+            let mut r = plain(StatusCode::UNAUTHORIZED, "invalid token\n");
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            r
+        }
+    }
+}
+
 /// Validate, authenticate (a token in the handshake), admit, then upgrade.
 async fn upgrade(
-    gw: Arc<Gateway>,
+    edge: Arc<Edge>,
     mut req: Request<Incoming>,
     peer: SocketAddr,
     slot: HeldSlot,
     transport: Transport,
 ) -> Response<Body> {
-    if gw.is_draining() {
-        return reject("draining", StatusCode::SERVICE_UNAVAILABLE, "draining\n");
+    if let Err(refusal) = edge.check_open() {
+        return refused(refusal);
     }
     let headers = req.headers();
     let key = match headers.get(header::SEC_WEBSOCKET_KEY) {
@@ -368,59 +392,25 @@ async fn upgrade(
             )
         }
     };
-    let origin = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok());
-    if !gw.origins.allows(origin) {
-        return reject("origin", StatusCode::FORBIDDEN, "origin not allowed\n");
+    // The slot goes back to the connection unless the limits step took it.
+    let mut held = slot.lock().take();
+    let admitted = edge
+        .admit(admission::Request {
+            headers,
+            origin: headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()),
+            query: req.uri().query(),
+            peer,
+            slot: &mut held,
+        })
+        .await;
+    if held.is_some() {
+        *slot.lock() = held;
     }
-    let ip = handshake::client_ip(peer.ip(), headers, &gw.trusted);
-    let mut params = match handshake::parse(headers, req.uri().query()) {
-        Ok(p) => p,
-        Err(HandshakeError::BadAuthorization) => {
-            return reject(
-                "unauthorized",
-                StatusCode::UNAUTHORIZED,
-                "bad Authorization header\n",
-            )
-        }
-        Err(HandshakeError::BadRequest(m)) => {
-            metrics::rejected("bad_request");
-            return respond(
-                StatusCode::BAD_REQUEST,
-                "text/plain; charset=utf-8",
-                format!("{m}\n"),
-            );
-        }
+    let adm = match admitted {
+        Ok(adm) => adm,
+        Err(refusal) => return refused(refusal),
     };
-    let token = params.token.take();
-    let held = slot.lock().take();
-    let permits = match gw.limits.admit(ip, held, token.is_none()) {
-        Ok(p) => p,
-        Err(r) => {
-            let status = match r {
-                Rejection::IpLimit => StatusCode::TOO_MANY_REQUESTS,
-                _ => StatusCode::SERVICE_UNAVAILABLE,
-            };
-            metrics::rejected(r.reason());
-            return plain(status, "too many connections\n");
-        }
-    };
-    let handshake_auth = match token {
-        None => None,
-        Some((token, source)) => {
-            let result = gw.auth.authenticate(&token).await;
-            // Non-browser clients can read a refused handshake: they get 401. Browsers
-            // cannot, so a subprotocol or query token is refused with `kick` after the upgrade.
-            if source == TokenSource::Header && result.is_err() {
-                // And close the connection (review F11): a client retrying bad tokens pays
-                // a new connection, counted per IP, for each.
-                let mut r = reject("unauthorized", StatusCode::UNAUTHORIZED, "invalid token\n");
-                r.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                return r;
-            }
-            Some(result)
-        }
-    };
+    let params = &adm.params;
 
     let mut resp = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
@@ -430,25 +420,20 @@ async fn upgrade(
             header::SEC_WEBSOCKET_ACCEPT,
             derive_accept_key(key.as_bytes()),
         );
-    if let Some(proto) = params.subprotocol {
-        resp = resp.header(header::SEC_WEBSOCKET_PROTOCOL, proto);
+    if let Some(proto) = &params.subprotocol {
+        resp = resp.header(header::SEC_WEBSOCKET_PROTOCOL, *proto);
     }
     let resp = resp.body(Body::default()).expect("valid upgrade response");
 
     let on_upgrade = hyper::upgrade::on(&mut req);
     let text = params.codec == Codec::Json;
-    let max_frame = gw.cfg.limits.max_frame;
+    let max_frame = edge.cfg.limits.max_frame;
     // A binary body grows by a third in base64, a text one by its escapes: twice the body
     // and room for the envelope bounds any push frame.
-    let max_out = gw.cfg.limits.max_push_body.saturating_mul(2) + 16 * 1024;
+    let max_out = edge.cfg.limits.max_push_body.saturating_mul(2) + 16 * 1024;
     // Boxed until the upgrade completes, so the waiting task stays small.
-    let adm = Box::new(Admission {
-        params,
-        ip,
-        handshake_auth,
-        permits,
-    });
-    gw.sessions.clone().spawn(async move {
+    let adm = Box::new(adm);
+    edge.lifecycle.sessions.clone().spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
                 let ws = WsSession::from_upgraded(
@@ -459,7 +444,7 @@ async fn upgrade(
                     max_out,
                 )
                 .await;
-                session::run(gw, ws, *adm).await;
+                session::run(edge.session_env.clone(), ws, *adm).await;
             }
             Err(e) => debug!(error = %e, "upgrade failed"),
         }

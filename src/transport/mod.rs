@@ -1,6 +1,8 @@
 //! Transports: each accepts, handshakes and frames one kind of client connection and hands
 //! the rest of the gateway a [`Session`]. Nothing outside this module names a transport type.
 
+pub mod admission;
+pub mod edge;
 pub mod framing;
 pub mod http;
 pub mod proxy;
@@ -21,16 +23,38 @@ pub enum Transport {
 }
 
 impl Transport {
+    /// Every transport, in `index` order: the metric label sets are built from it.
     pub const ALL: [Transport; 3] = [Transport::Ws, Transport::Wss, Transport::Wt];
 
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             Transport::Ws => "ws",
             Transport::Wss => "wss",
             Transport::Wt => "wt",
         }
     }
+
+    /// The position in `ALL`. The match is exhaustive, so a new variant does not compile
+    /// until it has one; the check below then fails until `ALL` lists it there.
+    pub const fn index(self) -> usize {
+        match self {
+            Transport::Ws => 0,
+            Transport::Wss => 1,
+            Transport::Wt => 2,
+        }
+    }
 }
+
+const _: () = {
+    let mut i = 0;
+    while i < Transport::ALL.len() {
+        assert!(
+            Transport::ALL[i].index() == i,
+            "Transport::ALL out of order"
+        );
+        i += 1;
+    }
+};
 
 /// One inbound message as the transport delimits it.
 #[derive(Debug)]
@@ -54,9 +78,16 @@ pub enum SessionError {
     /// Broken framing: 4504.
     #[error("protocol error: {0}")]
     Protocol(String),
-    /// The connection is gone (reset, closed under us).
-    #[error("connection lost: {0}")]
-    Io(String),
+    /// The connection is gone (reset, closed under us), with the transport's error.
+    #[error("connection lost")]
+    Io(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl SessionError {
+    /// The connection is gone; `cause` says how.
+    pub fn lost(cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> SessionError {
+        SessionError::Io(cause.into())
+    }
 }
 
 /// A client session after its handshake, as the connection driver sees it.

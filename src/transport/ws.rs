@@ -91,12 +91,10 @@ fn map_err(e: WsError) -> SessionError {
         WsError::Capacity(_) => SessionError::TooLarge,
         // A socket dropped without a close frame is a connection that went away (1006), not
         // a client speaking bad WebSocket (4504).
-        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
-            SessionError::Io("reset without a closing handshake".into())
-        }
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => SessionError::lost(e),
         WsError::Protocol(p) => SessionError::Protocol(p.to_string()),
         WsError::Utf8(_) => SessionError::Protocol("invalid UTF-8 in a text message".into()),
-        other => SessionError::Io(other.to_string()),
+        other => SessionError::lost(other),
     }
 }
 

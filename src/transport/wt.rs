@@ -20,11 +20,11 @@ use wtransport::endpoint::IncomingSession;
 use wtransport::quinn;
 use wtransport::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 
+use super::admission::{self, Refusal};
+use super::edge::Edge;
 use super::framing::{take_frame, PREFIX};
 use super::{Inbound, Session, SessionError, Transport};
-use crate::auth::handshake::{self, HandshakeError, TokenSource};
 use crate::config::Config;
-use crate::gateway::Gateway;
 use crate::limits::{Handshaking, IpSlot};
 use crate::ops::metrics;
 use crate::protocol::{ClientFrame, Codec, ServerFrame};
@@ -88,21 +88,22 @@ pub fn bind(
 /// Accept sessions until `stop` (after the drain). Each gets its own task at once, so a slow
 /// handshake never holds up the accept loop. While draining, new sessions are refused and the
 /// endpoint stays up for the sessions being drained (closing it would cut them off).
-pub async fn serve(gw: Arc<Gateway>, endpoint: Endpoint<Server>, stop: CancellationToken) {
+pub async fn serve(edge: Arc<Edge>, endpoint: Endpoint<Server>, stop: CancellationToken) {
     loop {
         let incoming = tokio::select! {
             _ = stop.cancelled() => break,
             i = endpoint.accept() => i,
         };
-        if gw.is_draining() {
+        if edge.lifecycle.is_draining() {
             metrics::rejected("draining");
             incoming.refuse();
             continue;
         }
-        if let Some((incoming, slot, handshaking)) = count(&gw, incoming) {
-            let gw2 = gw.clone();
-            gw.sessions
-                .spawn(handshake(gw2, incoming, slot, handshaking));
+        if let Some((incoming, slot, handshaking)) = count(&edge, incoming) {
+            let edge2 = edge.clone();
+            edge.lifecycle
+                .sessions
+                .spawn(handshake(edge2, incoming, slot, handshaking));
         }
     }
     endpoint.close(VarInt::from_u32(0), b"shutdown");
@@ -110,33 +111,26 @@ pub async fn serve(gw: Arc<Gateway>, endpoint: Endpoint<Server>, stop: Cancellat
     let _ = tokio::time::timeout(CLOSE_WAIT, endpoint.wait_idle()).await;
 }
 
-/// Why a session request is refused. wtransport can answer only 403, 404 or 429.
-enum Refusal {
-    Forbidden(&'static str),
-    NotFound,
-    TooMany(&'static str),
-}
-
 /// The limits a QUIC connection meets before a task or a TLS handshake is spent on it (SPEC
 /// §9): the cap on handshakes in flight, address validation (a Retry) under load, the per-IP
 /// count. Refused ones get a QUIC refusal.
 fn count(
-    gw: &Arc<Gateway>,
+    edge: &Arc<Edge>,
     incoming: IncomingSession,
 ) -> Option<(IncomingSession, IpSlot, Handshaking)> {
-    let Ok(handshaking) = gw.limits.begin_handshake() else {
+    let Ok(handshaking) = edge.limits.begin_handshake() else {
         metrics::rejected("handshake_limit");
         incoming.refuse();
         return None;
     };
-    if !incoming.remote_address_validated() && gw.limits.under_load() {
+    if !incoming.remote_address_validated() && edge.limits.under_load() {
         // The client comes back with a token proving it owns its address: a spoofed
         // flood costs one stateless packet each, not a TLS handshake.
         metrics::rejected("quic_retry");
         incoming.retry();
         return None;
     }
-    match gw.limits.take_ip(incoming.remote_address().ip()) {
+    match edge.limits.take_ip(incoming.remote_address().ip()) {
         Ok(slot) => Some((incoming, slot, handshaking)),
         Err(r) => {
             metrics::rejected(r.reason());
@@ -149,26 +143,26 @@ fn count(
 /// One session from its first packet to its end. The handshake runs boxed and is freed once
 /// done, so an open session's task holds only the session.
 async fn handshake(
-    gw: Arc<Gateway>,
+    edge: Arc<Edge>,
     incoming: IncomingSession,
     slot: IpSlot,
     handshaking: Handshaking,
 ) {
-    if let Some((session, adm)) = Box::pin(establish(&gw, incoming, slot, handshaking)).await {
-        session::run(gw, session, adm).await;
+    if let Some((session, adm)) = Box::pin(establish(&edge, incoming, slot, handshaking)).await {
+        session::run(edge.session_env.clone(), session, adm).await;
     }
 }
 
 /// QUIC and TLS, the session request and its checks (all within `limits.handshake_timeout`),
 /// then the control stream.
 async fn establish(
-    gw: &Arc<Gateway>,
+    edge: &Arc<Edge>,
     incoming: IncomingSession,
     slot: IpSlot,
     handshaking: Handshaking,
 ) -> Option<(WtSession, Admission)> {
     let peer = incoming.remote_address();
-    let limit = gw.cfg.limits.handshake_timeout;
+    let limit = edge.cfg.limits.handshake_timeout;
     let deadline = tokio::time::Instant::now() + limit;
     let request = match tokio::time::timeout_at(deadline, incoming).await {
         Ok(Ok(r)) => r,
@@ -187,28 +181,31 @@ async fn establish(
     };
     let headers = header_map(request.headers());
     let admitted = if path != PATH {
-        Err(Refusal::NotFound)
+        metrics::rejected("not_found");
+        Err(Answer::NotFound)
     } else {
-        admit(gw, &headers, request.origin(), query, peer, slot).await
+        let mut slot = Some(slot);
+        let ask = admission::Request {
+            headers: &headers,
+            origin: request.origin(),
+            query,
+            peer,
+            slot: &mut slot,
+        };
+        edge.admit(ask).await.map_err(|refusal| {
+            metrics::rejected(refusal.reason());
+            answer(&refusal)
+        })
     };
     let adm = match admitted {
         Ok(adm) => adm,
-        Err(refusal) => {
+        Err(answer) => {
             // The answer is bounded too: a client that never reads it costs a timer.
             let answer = async {
-                match refusal {
-                    Refusal::NotFound => {
-                        metrics::rejected("not_found");
-                        request.not_found().await
-                    }
-                    Refusal::Forbidden(reason) => {
-                        metrics::rejected(reason);
-                        request.forbidden().await
-                    }
-                    Refusal::TooMany(reason) => {
-                        metrics::rejected(reason);
-                        request.too_many_requests().await
-                    }
+                match answer {
+                    Answer::NotFound => request.not_found().await,
+                    Answer::Forbidden => request.forbidden().await,
+                    Answer::TooMany => request.too_many_requests().await,
                 }
             };
             let _ = tokio::time::timeout(limit, answer).await;
@@ -230,8 +227,8 @@ async fn establish(
     // The control stream: the client's first bidirectional stream, announced by its first
     // write (SPEC §3). A session that never opens one is closed with 4102.
     let opened = tokio::select! {
-        _ = gw.shutdown.cancelled() => Err(crate::protocol::codes::CloseCode::Draining),
-        r = tokio::time::timeout(gw.cfg.auth.auth_timeout, conn.accept_bi()) => match r {
+        _ = edge.lifecycle.shutdown.cancelled() => Err(crate::protocol::codes::CloseCode::Draining),
+        r = tokio::time::timeout(edge.cfg.auth.auth_timeout, conn.accept_bi()) => match r {
             Ok(Ok(streams)) => Ok(streams),
             Ok(Err(e)) => {
                 debug!(error = %e, "WebTransport session ended before its control stream");
@@ -245,7 +242,7 @@ async fn establish(
     };
     match opened {
         Ok((send, recv)) => {
-            let session = WtSession::new(conn, send, recv, &gw.cfg, adm.params.codec);
+            let session = WtSession::new(conn, send, recv, &edge.cfg, adm.params.codec);
             Some((session, adm))
         }
         Err(code) => {
@@ -256,52 +253,23 @@ async fn establish(
     }
 }
 
-/// The checks a WebSocket upgrade gets, with WebTransport's answers: origin, parameters,
-/// a token in the `Authorization` header (refused with 403: there is no 401 here), limits.
-async fn admit(
-    gw: &Arc<Gateway>,
-    headers: &HeaderMap,
-    origin: Option<&str>,
-    query: Option<&str>,
-    peer: SocketAddr,
-    slot: IpSlot,
-) -> Result<Admission, Refusal> {
-    if gw.is_draining() {
-        return Err(Refusal::TooMany("draining"));
-    }
-    if !gw.origins.allows(origin) {
-        return Err(Refusal::Forbidden("origin"));
-    }
-    let ip = handshake::client_ip(peer.ip(), headers, &gw.trusted);
-    let mut params = match handshake::parse(headers, query) {
-        Ok(p) => p,
-        Err(HandshakeError::BadAuthorization) => return Err(Refusal::Forbidden("unauthorized")),
-        Err(HandshakeError::BadRequest(m)) => {
+/// WebTransport's answer to a refused request: wtransport can say only 403, 404 or 429.
+enum Answer {
+    Forbidden,
+    NotFound,
+    TooMany,
+}
+
+fn answer(refusal: &Refusal) -> Answer {
+    match refusal {
+        Refusal::Draining | Refusal::Limit(_) => Answer::TooMany,
+        Refusal::BadRequest(m) => {
             debug!(error = %m, "bad WebTransport request");
-            return Err(Refusal::Forbidden("bad_request"));
+            Answer::Forbidden
         }
-    };
-    let token = params.token.take();
-    let permits = gw
-        .limits
-        .admit(ip, Some(slot), token.is_none())
-        .map_err(|r| Refusal::TooMany(r.reason()))?;
-    let handshake_auth = match token {
-        None => None,
-        Some((token, source)) => {
-            let result = gw.auth.authenticate(&token).await;
-            if source == TokenSource::Header && result.is_err() {
-                return Err(Refusal::Forbidden("unauthorized"));
-            }
-            Some(result)
-        }
-    };
-    Ok(Admission {
-        params,
-        ip,
-        handshake_auth,
-        permits,
-    })
+        // No 401 here: a refused token is a 403.
+        Refusal::Origin | Refusal::BadAuthorization | Refusal::Unauthorized => Answer::Forbidden,
+    }
 }
 
 /// wtransport hands headers over as strings; the handshake parser reads an `http` map.
@@ -383,7 +351,7 @@ impl WtSession {
 }
 
 fn write_err(e: quinn::WriteError) -> SessionError {
-    SessionError::Io(e.to_string())
+    SessionError::lost(e)
 }
 
 impl Session for WtSession {
@@ -406,7 +374,7 @@ impl Session for WtSession {
                         return Err(SessionError::Protocol("control stream ended inside a frame".into()))
                     }
                     Err(quinn::ReadError::ConnectionLost(_)) => return Ok(None),
-                    Err(e) => return Err(SessionError::Io(e.to_string())),
+                    Err(e) => return Err(SessionError::lost(e)),
                 },
                 streams = self.conn.accept_bi() => match streams {
                     Ok((mut send, recv)) => {

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use imgate::app::{self, Running};
 use imgate::config::Config;
-use imgate::gateway::{self, Running};
 use imgate::protocol::proto::pb;
 use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -73,8 +73,8 @@ impl TestGateway {
         let mut cfg = test_config();
         tweak(&mut cfg);
         cfg.validate().expect("test config is valid");
-        let running = gateway::start(cfg).await.expect("gateway starts");
-        let cert_sha256 = running.gw.certs.as_ref().map(|c| c.current().sha256);
+        let running = app::start(cfg).await.expect("gateway starts");
+        let cert_sha256 = running.certs.as_ref().map(|c| c.current().sha256);
         TestGateway {
             http: running.addrs.http.expect("http bound"),
             https: running.addrs.https,
@@ -86,8 +86,14 @@ impl TestGateway {
         }
     }
 
-    pub fn gw(&self) -> &Arc<imgate::gateway::Gateway> {
-        &self.running.as_ref().expect("running").gw
+    /// The services of the running gateway (hub, state, delivery, kick).
+    pub fn gw(&self) -> &Arc<imgate::services::Services> {
+        &self.running().services
+    }
+
+    /// What the composition root built: limits, certificates, lifecycle.
+    pub fn running(&self) -> &Running {
+        self.running.as_ref().expect("running")
     }
 
     pub fn url(&self, kind: Kind, query: &str) -> String {

@@ -348,7 +348,7 @@ over_transports!(group_send_and_transient_pushes, |kind: Kind| async move {
     let state = gw.gw().state.clone();
     let members: Vec<String> = ["m1", "m2", "m3"].iter().map(|s| s.to_string()).collect();
     state
-        .set_group_members("team", imgate::state::GroupOp::Replace, &members)
+        .set_group_members("team", imgate::state::GroupEdit::Replace, &members)
         .await
         .unwrap();
     let (mut m1, _) = connect_device(&gw, kind, "m1", "d", "").await;

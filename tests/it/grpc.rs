@@ -621,7 +621,7 @@ async fn sends_of_a_connection_that_went_are_not_forwarded() {
     crate::common::eventually(|| *backend.started.lock() == 1).await;
     drop(c);
     crate::common::eventually(|| *backend.cancelled.lock() == 1).await;
-    crate::common::eventually(|| gw.gw().sessions.is_empty()).await;
+    crate::common::eventually(|| gw.running().lifecycle.sessions.is_empty()).await;
     assert!(backend.messages.lock().is_empty());
 }
 

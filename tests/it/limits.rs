@@ -541,7 +541,7 @@ async fn a_client_that_stops_reading_cannot_outlive_a_kick() {
     // write timeouts (the kick and the close are writes too), not the 5 s a final write
     // used to be allowed.
     let freed = tokio::time::timeout(Duration::from_secs(3), async {
-        while !(gw.gw().hub.connections("stuck").is_empty() && gw.gw().limits.open() == 0) {
+        while !(gw.gw().hub.connections("stuck").is_empty() && gw.running().limits.open() == 0) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     });
@@ -631,7 +631,7 @@ async fn an_unauthenticated_client_that_never_reads_goes_at_the_auth_deadline() 
     })
     .await;
     let freed = tokio::time::timeout(Duration::from_secs(5), async {
-        while gw.gw().limits.open() != 0 {
+        while gw.running().limits.open() != 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     });

@@ -53,7 +53,7 @@ async fn drain_kicks_everyone_4101_and_exits() {
     }
     let ops = gw.ops;
     let running = gw.running.take().unwrap();
-    let state = running.gw.state.clone();
+    let state = running.services.state.clone();
     assert_eq!(
         state.presence("u0").await.unwrap().len(),
         1,
@@ -219,7 +219,7 @@ async fn grpc_api_that_cannot_start_stops_the_start() {
     let mut cfg = crate::common::test_config();
     cfg.grpc.tls_cert = dir.join("missing.crt").display().to_string();
     cfg.grpc.tls_key = dir.join("missing.key").display().to_string();
-    let e = imgate::gateway::start(cfg).await.err().expect("refused");
+    let e = imgate::app::start(cfg).await.err().expect("refused");
     assert!(format!("{e:#}").contains("grpc.tls_cert"), "{e:#}");
 
     // prod, no api keys, a client CA but no TLS: validation refuses it, and so does the
@@ -236,7 +236,7 @@ async fn grpc_api_that_cannot_start_stops_the_start() {
         .unwrap_err()
         .to_string()
         .contains("grpc.client_ca"));
-    let e = imgate::gateway::start(cfg).await.err().expect("refused");
+    let e = imgate::app::start(cfg).await.err().expect("refused");
     assert!(format!("{e:#}").contains("gRPC API needs"), "{e:#}");
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -324,7 +324,7 @@ async fn certificate_expiry_counts_down_to_the_served_certificate() {
         "imgate_certificate_expiry_seconds",
         &[("source", "generated")],
     );
-    let served = gw.gw().certs.as_ref().unwrap().current();
+    let served = gw.running().certs.as_ref().unwrap().current();
     let expected = served.seconds_left(std::time::SystemTime::now());
     assert!(
         (left - expected).abs() < 60.0 && left > 12.0 * day && left < 14.0 * day,
@@ -338,7 +338,7 @@ async fn certificate_expiry_counts_down_to_the_served_certificate() {
         c.tls.key_file = key.display().to_string();
     })
     .await;
-    let served = files.gw().certs.as_ref().unwrap().current();
+    let served = files.running().certs.as_ref().unwrap().current();
     let (_, text) = files.http_get(files.ops, "/metrics").await;
     let left = metric(
         &text,

@@ -339,7 +339,7 @@ async fn the_prod_example_starts_against_a_reachable_redis() {
     let cfg = imgate::config::Config::load(Some(std::path::Path::new(path)), env).unwrap();
     assert_eq!(cfg.state.backend, StateBackend::Redis);
     cfg.validate().expect("valid");
-    let running = imgate::gateway::start(cfg).await.expect("starts");
+    let running = imgate::app::start(cfg).await.expect("starts");
     let ops = running.addrs.ops.unwrap();
     let (status, body) = crate::common::http_get(ops, "/healthz").await;
     assert_eq!(status, 200);

@@ -188,7 +188,7 @@ async fn the_close_sequence_waits_for_the_client_not_a_timer() {
     // as soon as the close arrives.
     let closed_at = std::time::Instant::now();
     c.wt().conn.close(wtransport::VarInt::from_u32(4502), b"");
-    crate::common::eventually(|| gw.gw().limits.open() == 0).await;
+    crate::common::eventually(|| gw.running().limits.open() == 0).await;
     assert!(
         closed_at.elapsed() < Duration::from_millis(900),
         "the session waited {:?} after the client closed",
@@ -229,7 +229,7 @@ async fn wrong_path_and_limits_are_refused() {
 async fn rotation_keeps_open_sessions() {
     let gw = TestGateway::start().await;
     let mut old = gw.login(Kind::Wt, "rot", "a").await;
-    let certs = gw.gw().certs.clone().unwrap();
+    let certs = gw.running().certs.clone().unwrap();
     certs.rotate_now().unwrap();
     let fresh = certs.current().sha256;
     assert_ne!(Some(fresh), gw.cert_sha256);
@@ -267,7 +267,7 @@ async fn address_validation_under_load() {
     })
     .await;
     let _busy = tokio::net::TcpStream::connect(gw.http).await.unwrap();
-    crate::common::eventually(|| gw.gw().limits.handshaking() == 1).await;
+    crate::common::eventually(|| gw.running().limits.handshaking() == 1).await;
     let mut c = gw.login(Kind::Wt, "val", "d").await;
     assert_eq!(c.ping("after-retry").await["id"], "after-retry");
     let text = metrics(&gw).await;

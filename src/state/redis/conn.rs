@@ -1,4 +1,4 @@
-//! The connection to Redis, and the rules of `state.redis_url`: one URL for a single
+//! The connection to Redis: one URL for a single
 //! server (a `ConnectionManager`, which reconnects by itself), several comma-separated seed
 //! URLs for Redis Cluster (the async cluster client, which follows the slot map).
 
@@ -6,35 +6,12 @@ use std::time::Duration;
 
 use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use ::redis::cluster_async::ClusterConnection;
-use ::redis::{Cmd, IntoConnectionInfo, Pipeline, RedisFuture, Value};
+use ::redis::{Cmd, Pipeline, RedisFuture, Value};
 
 use crate::config::StateConfig;
 use crate::state::StateError;
 
-/// The seed URLs of `state.redis_url`: one URL for a single server, several
-/// (comma-separated) for Redis Cluster.
-pub fn parse_urls(urls: &str) -> Result<Vec<String>, String> {
-    let list: Vec<String> = urls
-        .split(',')
-        .map(|u| u.trim().to_string())
-        .filter(|u| !u.is_empty())
-        .collect();
-    if list.is_empty() {
-        return Err("required with backend = \"redis\": redis://host:port, rediss:// for TLS, comma-separated seed URLs for Redis Cluster".into());
-    }
-    for u in &list {
-        if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
-            return Err(format!(
-                "{}: redis:// or rediss:// URLs (comma-separated for a cluster)",
-                redacted(u)
-            ));
-        }
-        if let Err(e) = u.as_str().into_connection_info() {
-            return Err(format!("{}: {e}", redacted(u)));
-        }
-    }
-    Ok(list)
-}
+use super::url::parse_urls;
 
 /// Every connection to Redis sends at once (TCP_NODELAY). redis-rs leaves Nagle's algorithm
 /// on by default: a pipelined burst then waits for the ACK of its first segment, which the
@@ -46,15 +23,8 @@ pub(crate) fn tcp() -> ::redis::io::tcp::TcpSettings {
 
 /// `url` as connection info, with `tcp()`.
 pub(crate) fn info(url: &str) -> ::redis::RedisResult<::redis::ConnectionInfo> {
+    use ::redis::IntoConnectionInfo;
     Ok(url.into_connection_info()?.set_tcp_settings(tcp()))
-}
-
-/// A URL without its password, for messages.
-pub(super) fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://…@{}", &url[..s], &url[at + 1..]),
-        _ => url.to_string(),
-    }
 }
 
 /// A connection to a single server or to a cluster; cheap to clone (both multiplex).

@@ -15,6 +15,7 @@ mod reply;
 pub mod server;
 #[cfg(test)]
 mod tests;
+pub mod url;
 
 use std::future::Future;
 use std::time::Duration;
@@ -24,10 +25,10 @@ use async_trait::async_trait;
 use futures_util::stream::{self, StreamExt};
 
 use super::*;
-pub use conn::parse_urls;
 use conn::Conn;
 use keys::Keys;
 use reply::{array, entries, int, text};
+pub use url::parse_urls;
 
 /// Requests in flight at once for a batch (PushToUsers, GetUserStatus): the multiplexed
 /// connection writes them back to back, so a batch costs a few round trips, not N.
@@ -348,13 +349,13 @@ impl State for RedisState {
     async fn set_group_members(
         &self,
         group: &str,
-        op: GroupOp,
+        op: GroupEdit,
         users: &[String],
     ) -> Result<usize, StateError> {
         let op = match op {
-            GroupOp::Replace => "replace",
-            GroupOp::Add => "add",
-            GroupOp::Remove => "remove",
+            GroupEdit::Replace => "replace",
+            GroupEdit::Add => "add",
+            GroupEdit::Remove => "remove",
         };
         let mut c = self.conn();
         self.run(

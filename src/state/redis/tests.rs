@@ -202,7 +202,7 @@ fn urls() {
     assert!(e.contains("redis://"), "{e}");
     let e = parse_urls("rediss://user:secret@host:6380,nope").unwrap_err();
     assert!(!e.contains("secret"), "{e}");
-    assert_eq!(conn::redacted("rediss://u:secret@h:1"), "rediss://…@h:1");
+    assert_eq!(url::redacted("rediss://u:secret@h:1"), "rediss://…@h:1");
 }
 
 /// Calls of `cmd` Redis executed (from `INFO commandstats`, which also counts the

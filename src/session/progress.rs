@@ -5,7 +5,7 @@
 use crate::state::{resume_point, Cursors, InboxHead};
 
 #[derive(Debug)]
-pub struct Sync {
+pub struct InboxProgress {
     pub epoch: String,
     /// Highest seq sent to this device in this session (the resume point at first).
     pub last_sent: u64,
@@ -23,14 +23,14 @@ pub struct Sync {
     pub keeps_cursor: bool,
 }
 
-impl Sync {
+impl InboxProgress {
     /// The resume point: after `since` when given (a stale epoch replays the current one
     /// from its start, incomplete), else after the device cursor, else after the user
     /// cursor (offline messages go to whichever device connects first; a new device does
     /// not get the whole history).
-    pub fn start(head: InboxHead, cursors: Cursors, since: Option<&str>) -> Sync {
+    pub fn start(head: InboxHead, cursors: Cursors, since: Option<&str>) -> InboxProgress {
         let (after, complete) = resume_point(&head, cursors, since);
-        Sync {
+        InboxProgress {
             epoch: head.epoch,
             last_sent: after,
             live: false,
@@ -66,16 +66,19 @@ mod tests {
             device: None,
             user: 7,
         };
-        assert_eq!(Sync::start(head("e", 10), c, None).last_sent, 4);
-        assert_eq!(Sync::start(head("e", 10), none, None).last_sent, 7);
-        let s = Sync::start(head("e", 10), c, Some("e:2"));
+        assert_eq!(InboxProgress::start(head("e", 10), c, None).last_sent, 4);
+        assert_eq!(InboxProgress::start(head("e", 10), none, None).last_sent, 7);
+        let s = InboxProgress::start(head("e", 10), c, Some("e:2"));
         assert_eq!((s.last_sent, s.complete), (2, true));
-        let s = Sync::start(head("e", 10), c, Some("old:9"));
+        let s = InboxProgress::start(head("e", 10), c, Some("old:9"));
         assert_eq!((s.last_sent, s.complete), (0, false));
-        let s = Sync::start(head("e", 10), c, Some("garbage"));
+        let s = InboxProgress::start(head("e", 10), c, Some("garbage"));
         assert_eq!((s.last_sent, s.complete), (0, false));
         // A position beyond the head is clamped: nothing stored later is skipped.
-        assert_eq!(Sync::start(head("e", 10), c, Some("e:99")).last_sent, 10);
+        assert_eq!(
+            InboxProgress::start(head("e", 10), c, Some("e:99")).last_sent,
+            10
+        );
     }
 
     #[test]
