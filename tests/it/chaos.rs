@@ -347,6 +347,9 @@ async fn redis_down_then_back_keeps_clients_and_resubscribes_without_duplicates(
     // After Redis is back, pushes through a reach the clients on b again: b resubscribed.
     push_range(&a, &names, 20..40).await;
     all_seen(&seen, 40).await;
+    // Both registered again: each counts two live instances.
+    crate::cluster::until_instances(&a, 2).await;
+    crate::cluster::until_instances(&b, 2).await;
     assert!(
         seen.iter().all(|(_, s)| s.lock().connects == 1),
         "nobody was disconnected"

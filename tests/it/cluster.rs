@@ -75,7 +75,7 @@ async fn connect(gw: &TestGateway, user: &str, device: &str, platform: Option<&s
 }
 
 /// Wait until instance `gw` counts `n` live instances (its registry view).
-async fn until_instances(gw: &TestGateway, n: u32) {
+pub(crate) async fn until_instances(gw: &TestGateway, n: u32) {
     let mut api = api(gw).await;
     tokio::time::timeout(WAIT, async {
         loop {
