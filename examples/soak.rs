@@ -10,8 +10,9 @@
 //! a random time around `--lifetime` seconds, default 300), durable pushes at `--rate` per
 //! second to random users (default 200) and a broadcast every 10 s, a kick storm (KickUser
 //! for a tenth of the users) every 5 minutes, then a drain. Gateway RSS every 10 s; the
-//! growth after warm-up (the first sixth of the run) is the figure. Inbox entries and dedupe
-//! ids are kept 2 minutes here, so that retained state is at its steady size after warm-up. Every durable push must
+//! growth after warm-up (10 minutes, or a third of a longer run) is the figure. Inbox entries
+//! and dedupe ids are kept 2 minutes here, so that retained state is at its steady size after
+//! warm-up. Every durable push must
 //! reach its user: the run ends by comparing what each user received with what was sent.
 //! `abuse`: bystander clients ping from 127.0.0.1 while an attacker on 127.0.0.2 runs, one
 //! phase after the other: a 401 loop, a bad-token flood, slowloris on every route, a re-auth
@@ -210,9 +211,23 @@ fn text(m: &Message) -> Option<serde_json::Value> {
 
 // ---- soak ---------------------------------------------------------------------------------
 
-/// What one user has received: the highest seq held (pushes come in order, once per seq).
+/// One user's durable pushes: those stored (their epoch and seq, as PushToUser answered) and
+/// those received. An inbox whose entries all expired starts a new epoch, so a seq alone
+/// does not name a push.
+#[derive(Default)]
 struct User {
-    held: AtomicU64,
+    stored: parking_lot::Mutex<Vec<(String, u64)>>,
+    received: parking_lot::Mutex<std::collections::HashSet<(String, u64)>>,
+    /// The newest position held, for `since` on reconnect.
+    held: parking_lot::Mutex<(String, u64)>,
+}
+
+impl User {
+    fn missing(&self) -> u64 {
+        let received = self.received.lock();
+        let stored = self.stored.lock();
+        stored.iter().filter(|p| !received.contains(*p)).count() as u64
+    }
 }
 
 async fn soak(bin: &str, conns: usize, minutes: u64, rate: u64, lifetime: u64) {
@@ -231,13 +246,7 @@ async fn soak(bin: &str, conns: usize, minutes: u64, rate: u64, lifetime: u64) {
     );
     let pid = child.id();
     wait_ready().await;
-    let users: Arc<Vec<User>> = Arc::new(
-        (0..conns)
-            .map(|_| User {
-                held: AtomicU64::new(0),
-            })
-            .collect(),
-    );
+    let users: Arc<Vec<User>> = Arc::new((0..conns).map(|_| User::default()).collect());
     // `stop` ends the pushes and kicks; the clients go on until the drain, so that what
     // they missed while away reaches them.
     let stop = Arc::new(AtomicBool::new(false));
@@ -255,12 +264,14 @@ async fn soak(bin: &str, conns: usize, minutes: u64, rate: u64, lifetime: u64) {
             tokio::task::yield_now().await;
         }
     }
-    let sent: Arc<Vec<AtomicU64>> = Arc::new((0..conns).map(|_| AtomicU64::new(0)).collect());
-    let pusher = tokio::spawn(pushes(sent.clone(), stop.clone(), rate));
+    let sent = Arc::new(AtomicU64::new(0));
+    let pusher = tokio::spawn(pushes(users.clone(), sent.clone(), stop.clone(), rate));
     let kicker = tokio::spawn(kick_storms(conns, stop.clone()));
 
     let total = Duration::from_secs(minutes * 60);
-    let warm = total / 6;
+    // Retained state is steady after twice its longest lifetime: the token cache's (5 min)
+    // and the kick storms' period (5 min) are the longest here.
+    let warm = (total / 3).max(Duration::from_secs(600)).min(total / 2);
     let start = Instant::now();
     let mut samples: Vec<(u64, f64)> = Vec::new();
     println!(
@@ -281,7 +292,7 @@ async fn soak(bin: &str, conns: usize, minutes: u64, rate: u64, lifetime: u64) {
         println!(
             "{t:>6} {rss:>9.1} {open:>8} {:>10} {:>10}",
             reconnects.load(Ordering::Relaxed),
-            sent.iter().map(|s| s.load(Ordering::Relaxed)).sum::<u64>()
+            sent.load(Ordering::Relaxed)
         );
     }
     stop.store(true, Ordering::Relaxed);
@@ -290,12 +301,7 @@ async fn soak(bin: &str, conns: usize, minutes: u64, rate: u64, lifetime: u64) {
     // Everything sent must arrive: give reconnecting clients time to replay.
     let deadline = Instant::now() + Duration::from_secs(60);
     let missing = loop {
-        let missing: u64 = (0..conns)
-            .map(|i| {
-                let s = sent[i].load(Ordering::Relaxed);
-                s.saturating_sub(users[i].held.load(Ordering::Relaxed))
-            })
-            .sum();
+        let missing: u64 = users.iter().map(User::missing).sum();
         if missing == 0 || Instant::now() > deadline {
             break missing;
         }
@@ -314,8 +320,8 @@ async fn soak(bin: &str, conns: usize, minutes: u64, rate: u64, lifetime: u64) {
         warm.as_secs(),
         (last - first) / first * 100.0
     );
-    let total_sent: u64 = sent.iter().map(|s| s.load(Ordering::Relaxed)).sum();
-    println!("durable pushes: {total_sent} sent, {missing} not received");
+    let total_sent = sent.load(Ordering::Relaxed);
+    println!("durable pushes: {total_sent} stored, {missing} of them not received");
 
     // The drain: SIGTERM, every client told 4101, exit 0 within shutdown.timeout.
     clients_stop.store(true, Ordering::Relaxed);
@@ -349,10 +355,13 @@ async fn client(
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_os_rng();
     let mut epoch = String::new();
     while !stop.load(Ordering::Relaxed) {
-        let since = if epoch.is_empty() {
-            String::new()
-        } else {
-            format!("&since={epoch}:{}", users[i].held.load(Ordering::Relaxed))
+        let since = {
+            let (e, seq) = &*users[i].held.lock();
+            if e.is_empty() {
+                String::new()
+            } else {
+                format!("&since={e}:{seq}")
+            }
         };
         let q = format!("token={}{since}", token(&user, "d"));
         let Ok(mut c) = ws("127.0.0.1", &q, &[]).await else {
@@ -375,7 +384,14 @@ async fn client(
                 }
                 Some("push") => {
                     if let Some(seq) = v["seq"].as_u64() {
-                        users[i].held.fetch_max(seq, Ordering::Relaxed);
+                        let e = v["epoch"].as_str().unwrap_or_default().to_string();
+                        {
+                            let mut held = users[i].held.lock();
+                            if held.0 != e || held.1 < seq {
+                                *held = (e.clone(), seq);
+                            }
+                        }
+                        users[i].received.lock().insert((e, seq));
                         unacked += 1;
                         if unacked >= 8 {
                             unacked = 0;
@@ -400,14 +416,14 @@ async fn client(
     }
 }
 
-async fn pushes(sent: Arc<Vec<AtomicU64>>, stop: Arc<AtomicBool>, rate: u64) {
+async fn pushes(users: Arc<Vec<User>>, sent: Arc<AtomicU64>, stop: Arc<AtomicBool>, rate: u64) {
     let mut api = api().await;
     let mut tick = tokio::time::interval(Duration::from_secs(1) / rate.max(1) as u32);
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
         tick.tick().await;
         n += 1;
-        let i = rand::rng().random_range(0..sent.len());
+        let i = rand::rng().random_range(0..users.len());
         let req = imgate::grpc::pb::PushToUserRequest {
             user_id: format!("s{i}"),
             message: Some(imgate::grpc::pb::Message {
@@ -416,8 +432,10 @@ async fn pushes(sent: Arc<Vec<AtomicU64>>, stop: Arc<AtomicBool>, rate: u64) {
             }),
             delivery: 0,
         };
-        if api.push_to_user(req).await.is_ok() {
-            sent[i].fetch_add(1, Ordering::Relaxed);
+        if let Ok(r) = api.push_to_user(req).await {
+            let r = r.into_inner();
+            users[i].stored.lock().push((r.epoch, r.seq));
+            sent.fetch_add(1, Ordering::Relaxed);
         }
         if n % (rate * 10).max(1) == 0 {
             let _ = api
