@@ -399,18 +399,6 @@ impl State for MemoryState {
             .unwrap_or_default())
     }
 
-    async fn routes(&self, user: &str) -> Result<Vec<String>, StateError> {
-        let mut instances: Vec<String> = self
-            .presence(user)
-            .await?
-            .into_iter()
-            .map(|p| p.instance)
-            .collect();
-        instances.sort_unstable();
-        instances.dedup();
-        Ok(instances)
-    }
-
     async fn remove_instance(&self, instance: &str) -> Result<usize, StateError> {
         let mut removed = 0;
         for shard in self.presence.iter() {

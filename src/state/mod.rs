@@ -253,7 +253,17 @@ pub trait State: Send + Sync + 'static {
     async fn presence(&self, user: &str) -> Result<Vec<Presence>, StateError>;
 
     /// The instances holding connections of `user` (each once): where to route a push.
-    async fn routes(&self, user: &str) -> Result<Vec<String>, StateError>;
+    async fn routes(&self, user: &str) -> Result<Vec<String>, StateError> {
+        let mut instances: Vec<String> = self
+            .presence(user)
+            .await?
+            .into_iter()
+            .map(|p| p.instance)
+            .collect();
+        instances.sort_unstable();
+        instances.dedup();
+        Ok(instances)
+    }
 
     /// Forget every connection of an instance (after its drain, or when it died); returns
     /// how many.

@@ -440,18 +440,6 @@ impl State for RedisState {
         self.connections_of(users).await
     }
 
-    async fn routes(&self, user: &str) -> Result<Vec<String>, StateError> {
-        let mut instances: Vec<String> = self
-            .presence(user)
-            .await?
-            .into_iter()
-            .map(|p| p.instance)
-            .collect();
-        instances.sort_unstable();
-        instances.dedup();
-        Ok(instances)
-    }
-
     async fn remove_instance(&self, instance: &str) -> Result<usize, StateError> {
         self.forget_instance(instance).await
     }
